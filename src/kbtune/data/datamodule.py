@@ -1,0 +1,121 @@
+"""The LightningDataModule over DataPreparation: prepared blocks -> deterministic, resumable loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from kbtune.data.preparation import DataPreparation, PreparedData
+
+logger = logging.getLogger(__name__)
+
+
+class BlockDataset(Dataset):
+    def __init__(self, blocks: np.ndarray, labels: np.ndarray | None = None):
+        self.blocks = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.int64))
+        self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)) if labels is not None else None
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.blocks[i]
+        return {"input_ids": ids, "labels": ids if self.labels is None else self.labels[i]}
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation that depends only on (seed, epoch), so a resumed run sees the same order as an
+    uninterrupted one. `skip` drops the first indices of the next epoch (the batches already trained)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            order = list(range(self.n))
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        # Every rank gets an equal, disjoint share (the tail that does not divide evenly is dropped).
+        per_rank = self.n // self.world_size
+        return order[self.rank * per_rank : (self.rank + 1) * per_rank] if self.world_size > 1 else order
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
+
+    def __len__(self) -> int:
+        return (self.n // self.world_size) if self.world_size > 1 else self.n
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning treats as stateful: its state is (epoch, batches consumed), and loading
+    it makes the next iteration skip what the interrupted run had already trained on."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler: EpochShuffleSampler):
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=0)
+        self._consumed = 0
+
+    def __iter__(self) -> Any:
+        sampler: EpochShuffleSampler = self.sampler  # type: ignore[assignment]
+        self._consumed = sampler.skip // self.batch_size
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: EpochShuffleSampler = self.sampler  # type: ignore[assignment]
+        return {"epoch": sampler.epoch, "batches": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler: EpochShuffleSampler = self.sampler  # type: ignore[assignment]
+        sampler.set_epoch(state["epoch"])
+        sampler.skip = state["batches"] * self.batch_size
+
+
+class KBDataModule(pl.LightningDataModule):
+    """Usable without Hydra: `KBDataModule(DataPreparation(kb, DataSettings(), tokenizer_factory))`."""
+
+    def __init__(self, preparation: DataPreparation, batch_size: int | None = None, seed: int = 0):
+        super().__init__()
+        self.preparation = preparation
+        self.batch_size = batch_size or preparation.settings.batch_size
+        self.seed = seed
+        self.data: PreparedData | None = None
+
+    def prepare_data(self) -> None:
+        self.preparation.prepare_dataset()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is None:
+            self.data = self.preparation.prepare_dataset()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.data is not None, "call setup() first"
+        rank, world = self._rank()
+        dataset = BlockDataset(self.data.train, self.data.train_labels)
+        return ResumableLoader(dataset, self.batch_size, EpochShuffleSampler(len(dataset), self.seed, True, rank, world))
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.data is not None, "call setup() first"
+        rank, world = self._rank()
+        dataset = BlockDataset(self.data.val, self.data.val_labels)
+        sampler = EpochShuffleSampler(len(dataset), self.seed, False, rank, world)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=0)

@@ -1,0 +1,368 @@
+"""The seed's DataPreparation: collect documents from the KB, clean and format them, split by document,
+tokenize, pack into blocks, and cache the result (Arrow) under a key derived from everything it used."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from kbtune.knowledge_base import KnowledgeBase
+
+logger = logging.getLogger(__name__)
+
+# Bump when the preparation's output for the same inputs changes, so old caches are not reused.
+PREPARATION_VERSION = 1
+_SPACES = re.compile(r"[ \t\f\v\u00a0]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+_FIELD = re.compile(r"{(\w+)}")
+
+TokenizerFactory = Callable[[Sequence[str]], Any]
+
+
+class DataError(ValueError):
+    """The knowledge base or the data settings cannot produce a usable dataset."""
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    block_size: int = 256
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    # `text`: continued pretraining on `template`; `qa`: `qa_prompt` + answer, loss on the answer only.
+    format: Literal["text", "qa"] = "text"
+    template: str = "{text}"
+    qa_prompt: str = "Question: {question}\nAnswer: "
+    batch_size: int = 8
+    cache_dir: str = "data/cache"
+    tokenize_batch: int = 2000
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.block_size < 8:
+            p.append(f"data.block_size: must be >= 8, got {self.block_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            p.append(f"data.val_fraction: must be strictly between 0 and 1, got {self.val_fraction}")
+        if self.batch_size < 1:
+            p.append(f"data.batch_size: must be >= 1, got {self.batch_size}")
+        if self.format not in ("text", "qa"):
+            p.append(f"data.format: must be 'text' or 'qa', got {self.format!r}")
+        if self.format == "text" and "{text}" not in self.template:
+            p.append(f"data.template: must contain {{text}}, got {self.template!r}")
+        if self.format == "qa" and "{question}" not in self.qa_prompt:
+            p.append(f"data.qa_prompt: must contain {{question}}, got {self.qa_prompt!r}")
+        if self.tokenize_batch < 1:
+            p.append(f"data.tokenize_batch: must be >= 1, got {self.tokenize_batch}")
+        return p
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """Only the settings that change the prepared tokens (batch size and cache path do not)."""
+        keep = ("block_size", "val_fraction", "split_seed", "format", "template", "qa_prompt")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass
+class PreparedData:
+    train: np.ndarray  # [blocks, block_size] int32 token ids
+    val: np.ndarray
+    train_labels: np.ndarray | None  # only for `qa`: -100 where no loss is taken
+    val_labels: np.ndarray | None
+    tokenizer: Any
+    manifest: dict[str, Any]
+    directory: Path
+    cached: bool = False
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "manifest.json"
+
+
+@dataclass
+class CleanDoc:
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    sha256: str
+    split: str = ""
+    formatted: str = ""
+    prompt: str = field(default="")
+
+
+def normalise_whitespace(text: str) -> str:
+    """Collapse runs of spaces/tabs, strip line ends, keep paragraph breaks (at most one blank line)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+def split_of(doc_id: str, split_seed: int, val_fraction: float) -> str:
+    """Deterministic per-document split: depends only on the id and seed, so adding documents to the
+    KB never moves an existing one across."""
+    digest = hashlib.sha256(f"{split_seed}:{doc_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "val" if u < val_fraction else "train"
+
+
+def clean_documents(docs: Any, drops: Counter) -> list[CleanDoc]:
+    """Drop None/empty/whitespace documents and exact duplicates (by content hash), counting each."""
+    seen: set[str] = set()
+    out: list[CleanDoc] = []
+    for doc in docs:
+        if doc.text is None:
+            drops["none"] += 1
+            continue
+        text = normalise_whitespace(doc.text)
+        if not text:
+            drops["empty"] += 1
+            continue
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        if digest in seen:
+            drops["duplicate"] += 1
+            continue
+        seen.add(digest)
+        out.append(CleanDoc(doc.id, text, doc.metadata, digest))
+    return out
+
+
+def format_document(s: DataSettings, doc: CleanDoc, drops: Counter) -> None:
+    """Fill doc.prompt/doc.formatted from the template (or count why it cannot be formatted)."""
+    fields = {**{k: v for k, v in doc.metadata.items() if v is not None}, "text": doc.text, "id": doc.id}
+    if s.format == "qa":
+        if not doc.metadata.get("question") or not doc.metadata.get("answer"):
+            drops["no_question_answer"] += 1
+            return
+        template, answer = s.qa_prompt, normalise_whitespace(str(doc.metadata["answer"]))
+    else:
+        template, answer = s.template, ""
+    missing = [name for name in _FIELD.findall(template) if name not in fields]
+    if missing:
+        drops[f"missing_field:{missing[0]}"] += 1
+        return
+    rendered = template.format_map(fields)
+    doc.prompt, doc.formatted = (rendered, answer) if s.format == "qa" else ("", rendered)
+
+
+def pack(sequences: Sequence[Sequence[int]], eos_id: int, block_size: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents with EOS after each, cut into full blocks; returns (blocks, tail dropped)."""
+    lengths = np.fromiter((len(s) + 1 for s in sequences), dtype=np.int64, count=len(sequences))
+    flat = np.full(int(lengths.sum()), eos_id, dtype=np.int32)
+    ends = np.cumsum(lengths)
+    for seq, end, n in zip(sequences, ends, lengths, strict=True):
+        flat[end - n : end - 1] = seq
+    n_blocks = len(flat) // block_size
+    return flat[: n_blocks * block_size].reshape(n_blocks, block_size), len(flat) - n_blocks * block_size
+
+
+def tokenize_documents(docs: Sequence[CleanDoc], tokenizer: Any, s: DataSettings) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids per document (Rust batch encoding); for `qa` also labels with the prompt masked."""
+    backend = tokenizer.backend_tokenizer
+    ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    for start in range(0, len(docs), s.tokenize_batch):
+        part = docs[start : start + s.tokenize_batch]
+        bodies = [e.ids for e in backend.encode_batch([d.formatted for d in part], add_special_tokens=False)]
+        if s.format == "qa":
+            prompts = [e.ids for e in backend.encode_batch([d.prompt for d in part], add_special_tokens=False)]
+            for p, b in zip(prompts, bodies, strict=True):
+                ids.append(p + b)
+                # pack() appends EOS after each sequence; the label there stays EOS (learned).
+                labels.append([-100] * len(p) + b)
+        else:
+            ids.extend(bodies)
+    return ids, labels
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    payload = tokenizer.backend_tokenizer.to_str() + json.dumps(
+        {"eos": tokenizer.eos_token_id, "cls": type(tokenizer).__name__}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class DataPreparation:
+    """Prepares (or loads from cache) the train/val token blocks for one KB + settings + tokenizer."""
+
+    def __init__(self, kb: KnowledgeBase, settings: DataSettings, tokenizer_factory: TokenizerFactory):
+        self.kb = kb
+        self.settings = settings
+        self.tokenizer_factory = tokenizer_factory
+        self._result: PreparedData | None = None
+
+    def prepare_dataset(self) -> PreparedData:
+        if self._result is None:
+            self._result = self._prepare()
+        return self._result
+
+    # -- steps -------------------------------------------------------------------------------------
+    def collect(self) -> tuple[list[CleanDoc], Counter]:
+        drops: Counter = Counter()
+        docs = clean_documents(self.kb.iter_documents(), drops)
+        for doc in docs:
+            format_document(self.settings, doc, drops)
+        kept = [d for d in docs if d.formatted]
+        for doc in kept:
+            doc.split = split_of(doc.id, self.settings.split_seed, self.settings.val_fraction)
+        # Packing order is by id, not by export order, so it does not depend on how Chroma pages.
+        kept.sort(key=lambda d: d.id)
+        return kept, drops
+
+    def _prepare(self) -> PreparedData:
+        s = self.settings
+        t0 = time.perf_counter()
+        docs, drops = self.collect()
+        if drops:
+            logger.info("cleaning dropped %d documents: %s", sum(drops.values()), dict(sorted(drops.items())))
+        if not docs:
+            raise DataError(
+                f"kb.collection: {self.kb.settings.describe()} has no usable documents after cleaning "
+                f"(dropped: {dict(drops) or 'none'}); add documents or change kb.where"
+            )
+        train_docs = [d for d in docs if d.split == "train"]
+        val_docs = [d for d in docs if d.split == "val"]
+        if not train_docs or not val_docs:
+            raise DataError(
+                f"data.val_fraction: {len(docs)} documents gave {len(train_docs)} train and {len(val_docs)} "
+                f"validation documents; each split needs at least one (change data.val_fraction or add documents)"
+            )
+        tokenizer = self.tokenizer_factory([d.prompt + d.formatted for d in train_docs])
+        if tokenizer.eos_token_id is None:
+            raise DataError("model: the tokenizer has no EOS token, which packing needs between documents")
+        key = self._cache_key(docs, tokenizer)
+        directory = Path(s.cache_dir) / "datasets" / key
+        if (directory / "manifest.json").exists():
+            prepared = self._load(directory, tokenizer)
+            logger.info("prepared data loaded from cache %s in %.2fs", directory, time.perf_counter() - t0)
+            return prepared
+
+        arrays: dict[str, np.ndarray | None] = {}
+        counts: dict[str, Any] = {}
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            ids, labels = tokenize_documents(split_docs, tokenizer, s)
+            blocks, tail = pack(ids, tokenizer.eos_token_id, s.block_size)
+            arrays[split] = blocks
+            arrays[f"{split}_labels"] = pack(labels, tokenizer.eos_token_id, s.block_size)[0] if labels else None
+            counts[split] = {
+                "documents": len(split_docs),
+                "tokens": int(sum(len(x) + 1 for x in ids)),
+                "blocks": int(blocks.shape[0]),
+                "tail_tokens_dropped": int(tail),
+            }
+        for split in ("train", "val"):
+            if counts[split]["blocks"] == 0:
+                raise DataError(
+                    f"data.block_size: the {split} split has {counts[split]['tokens']} tokens, fewer than one "
+                    f"block of {s.block_size}; lower data.block_size or add documents to {self.kb.settings.describe()}"
+                )
+        manifest = {
+            "kbtune_preparation_version": PREPARATION_VERSION,
+            "cache_key": key,
+            "collection": self.kb.collection_name,
+            "kb": self.kb.settings.describe(),
+            "where": self.kb.settings.where,
+            "settings": s.fingerprint_fields(),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "document_count": len(docs),
+            "drops": dict(sorted(drops.items())),
+            "splits": counts,
+            "documents": [{"id": d.id, "sha256": d.sha256, "split": d.split} for d in docs],
+        }
+        self._write(directory, arrays, manifest)
+        logger.info(
+            "prepared %d train / %d val documents -> %d / %d blocks of %d tokens in %.2fs (cache %s)",
+            len(train_docs), len(val_docs), counts["train"]["blocks"], counts["val"]["blocks"],
+            s.block_size, time.perf_counter() - t0, directory,
+        )
+        return PreparedData(
+            arrays["train"], arrays["val"], arrays["train_labels"], arrays["val_labels"],
+            tokenizer, manifest, directory, cached=False,
+        )  # fmt: skip
+
+    def _cache_key(self, docs: list[CleanDoc], tokenizer: Any) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([PREPARATION_VERSION, self.settings.fingerprint_fields(), tokenizer_fingerprint(tokenizer)]).encode())
+        for d in docs:
+            # The formatted text covers template fields drawn from metadata, not only the body.
+            h.update(f"{d.id}\0{d.split}\0{d.sha256}\0".encode())
+            h.update(hashlib.sha256((d.prompt + "\0" + d.formatted).encode()).digest())
+        return h.hexdigest()[:24]
+
+    @staticmethod
+    def _write(directory: Path, arrays: dict[str, np.ndarray | None], manifest: dict[str, Any]) -> None:
+        import datasets
+        import pyarrow as pa
+
+        datasets.disable_progress_bars()  # one bar per split for a sub-second write is noise
+        tmp = directory.with_name(directory.name + f".tmp{time.time_ns()}")
+        for split in ("train", "val"):
+            columns = {"input_ids": arrays[split]}
+            if arrays[f"{split}_labels"] is not None:
+                columns["labels"] = arrays[f"{split}_labels"]
+            table = pa.table(
+                {
+                    name: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.int32()), a.shape[1])
+                    for name, a in columns.items()
+                }
+            )
+            datasets.Dataset(table).save_to_disk(str(tmp / split))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(directory)  # atomic: a half-written cache is never visible under its key
+        except OSError:
+            if not (directory / "manifest.json").exists():
+                raise
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same key first
+
+    @staticmethod
+    def _load(directory: Path, tokenizer: Any) -> PreparedData:
+        import datasets
+
+        out: dict[str, np.ndarray | None] = {}
+        for split in ("train", "val"):
+            ds = datasets.load_from_disk(str(directory / split)).with_format("numpy")
+            out[split] = np.asarray(ds["input_ids"], dtype=np.int32)
+            out[f"{split}_labels"] = np.asarray(ds["labels"], dtype=np.int64) if "labels" in ds.column_names else None
+        manifest = json.loads((directory / "manifest.json").read_text())
+        return PreparedData(
+            out["train"], out["val"], out["train_labels"], out["val_labels"], tokenizer, manifest, directory, cached=True
+        )
+
+
+def load_documents_for_split(kb: KnowledgeBase, manifest: dict[str, Any], settings: DataSettings, split: str = "val") -> list[CleanDoc]:
+    """Rebuild a split exactly from a manifest: the same ids, checked against their content hashes,
+    cleaned and formatted as in training."""
+    wanted = [d for d in manifest["documents"] if d["split"] == split]
+    found = {d.id: d for d in kb.get([d["id"] for d in wanted])}
+    missing = [d["id"] for d in wanted if d["id"] not in found]
+    out: list[CleanDoc] = []
+    changed = []
+    drops: Counter = Counter()
+    for entry in wanted:
+        doc = found.get(entry["id"])
+        if doc is None:
+            continue
+        text = normalise_whitespace(doc.text or "")
+        clean = CleanDoc(doc.id, text, doc.metadata, hashlib.sha256(text.encode("utf-8")).hexdigest(), split)
+        if clean.sha256 != entry["sha256"]:
+            changed.append(doc.id)
+            continue
+        format_document(settings, clean, drops)
+        out.append(clean)
+    if missing or changed:
+        raise DataError(
+            f"the {split} split of data manifest {manifest['cache_key']} cannot be rebuilt from "
+            f"{kb.settings.describe()}: {len(missing)} documents missing {missing[:5]}, "
+            f"{len(changed)} changed since training {changed[:5]}"
+        )
+    return out

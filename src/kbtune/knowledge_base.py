@@ -1,0 +1,183 @@
+"""Chroma access (the seed's ChromaService / DocumentRepository): connect, export in pages, upsert."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
+
+# The collection the README's first command creates from the shipped sample corpus. Only this name
+# is ever created implicitly; any other missing collection is an error.
+SAMPLE_COLLECTION = "kbtune-sample"
+
+
+class KnowledgeBaseError(ValueError):
+    """A knowledge-base problem the user must fix (missing collection, bad filter...)."""
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class KBSettings:
+    """Where the knowledge base lives. `backend` picks the embedded store or a Chroma server."""
+
+    backend: Literal["chroma", "chroma_http"] = "chroma"
+    collection: str = SAMPLE_COLLECTION
+    path: str = "data/chroma"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ssl: bool = False
+    where: dict[str, Any] | None = None
+    page_size: int = 1000
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.backend not in ("chroma", "chroma_http"):
+            problems.append(f"kb.backend: must be 'chroma' or 'chroma_http', got {self.backend!r} (select kb=chroma or kb=chroma_http)")
+        if not 3 <= len(self.collection or "") <= 512:
+            problems.append(f"kb.collection: Chroma collection names need 3-512 characters, got {self.collection!r}")
+        if not 1 <= self.page_size <= 5000:
+            problems.append(f"kb.page_size: must be in [1, 5000], got {self.page_size}")
+        if self.backend == "chroma_http" and not 0 < self.port < 65536:
+            problems.append(f"kb.port: not a TCP port: {self.port}")
+        if self.where is not None and not isinstance(self.where, dict):
+            problems.append(f"kb.where: must be a Chroma metadata filter mapping, got {self.where!r}")
+        return problems
+
+    def describe(self) -> str:
+        if self.backend == "chroma":
+            return f"chroma://{self.path}#{self.collection}"
+        scheme = "https" if self.ssl else "http"
+        return f"{scheme}://{self.host}:{self.port}#{self.collection}"
+
+
+class KnowledgeBase:
+    """A Chroma client bound to one collection name. Reads never need an embedding function."""
+
+    def __init__(self, client: Any, settings: KBSettings):
+        self._client = client
+        self.settings = settings
+
+    @classmethod
+    def connect(cls, settings: KBSettings) -> KnowledgeBase:
+        import chromadb
+        from chromadb.config import Settings
+
+        # Chroma's product telemetry would try the network on every client start.
+        chroma_settings = Settings(anonymized_telemetry=False)
+        if settings.backend == "chroma":
+            client = chromadb.PersistentClient(path=settings.path, settings=chroma_settings)
+        else:
+            client = chromadb.HttpClient(
+                host=settings.host, port=settings.port, ssl=settings.ssl, settings=chroma_settings
+            )
+        logger.info("knowledge base: %s", settings.describe())
+        return cls(client, settings)
+
+    @property
+    def collection_name(self) -> str:
+        return self.settings.collection
+
+    def exists(self) -> bool:
+        return self.collection_name in self.list_collections()
+
+    def list_collections(self) -> list[str]:
+        return sorted(c if isinstance(c, str) else c.name for c in self._client.list_collections())
+
+    def _collection(self):
+        if not self.exists():
+            known = ", ".join(self.list_collections()) or "none"
+            raise KnowledgeBaseError(
+                f"kb.collection: collection {self.collection_name!r} does not exist in "
+                f"{self.settings.describe()} (existing: {known}); ingest documents with "
+                f"`kbtune kb ingest PATH --collection {self.collection_name}` or set kb.collection"
+            )
+        return self._client.get_collection(self.collection_name, embedding_function=None)
+
+    def count(self) -> int:
+        return self._collection().count()
+
+    def iter_pages(self, where: dict[str, Any] | None = None, page_size: int | None = None) -> Iterator[list[Document]]:
+        """Yield the collection's documents a page at a time; only one raw page is held at once."""
+        collection = self._collection()
+        size = page_size or self.settings.page_size
+        where = where if where is not None else self.settings.where
+        offset = 0
+        while True:
+            try:
+                raw = collection.get(
+                    where=where or None, limit=size, offset=offset, include=["documents", "metadatas"]
+                )
+            except ValueError as exc:  # Chroma validates filters client-side with ValueError
+                raise KnowledgeBaseError(f"kb.where: Chroma rejected the filter {where!r}: {exc}") from exc
+            ids = raw["ids"]
+            if not ids:
+                return
+            docs = raw["documents"] or [None] * len(ids)
+            metas = raw["metadatas"] or [None] * len(ids)
+            yield [Document(i, d, dict(m or {})) for i, d, m in zip(ids, docs, metas, strict=True)]
+            if len(ids) < size:
+                return
+            offset += size
+
+    def iter_documents(self, where: dict[str, Any] | None = None) -> Iterator[Document]:
+        for page in self.iter_pages(where):
+            yield from page
+
+    def get(self, ids: Sequence[str]) -> list[Document]:
+        """Fetch documents by id (in pages), in the order asked; missing ids are left out."""
+        collection = self._collection()
+        found: dict[str, Document] = {}
+        size = self.settings.page_size
+        for start in range(0, len(ids), size):
+            chunk = list(ids[start : start + size])
+            raw = collection.get(ids=chunk, include=["documents", "metadatas"])
+            for i, d, m in zip(raw["ids"], raw["documents"], raw["metadatas"], strict=True):
+                found[i] = Document(i, d, dict(m or {}))
+        return [found[i] for i in ids if i in found]
+
+    def upsert(
+        self,
+        documents: Sequence[Document],
+        embeddings: Sequence[Sequence[float]],
+        create: bool = False,
+    ) -> None:
+        """Write documents with precomputed embeddings (Chroma must never embed: it would download)."""
+        if create:
+            collection = self._client.get_or_create_collection(
+                self.collection_name, embedding_function=None, metadata={"hnsw:space": "cosine"}
+            )
+        else:
+            collection = self._collection()
+        batch = max(1, min(self._client.get_max_batch_size(), 5000))
+        for start in range(0, len(documents), batch):
+            part = documents[start : start + batch]
+            collection.upsert(
+                ids=[d.id for d in part],
+                documents=[d.text for d in part],
+                metadatas=[d.metadata or None for d in part],
+                embeddings=[list(map(float, e)) for e in embeddings[start : start + batch]],
+            )
+
+    def delete(self, ids: Sequence[str]) -> None:
+        if ids:
+            self._collection().delete(ids=list(ids))
+
+    def ids_where(self, where: dict[str, Any]) -> list[str]:
+        collection = self._collection()
+        out: list[str] = []
+        offset, size = 0, self.settings.page_size
+        while True:
+            raw = collection.get(where=where, limit=size, offset=offset, include=[])
+            out.extend(raw["ids"])
+            if len(raw["ids"]) < size:
+                return out
+            offset += size

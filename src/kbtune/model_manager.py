@@ -1,0 +1,109 @@
+"""The seed's ModelManager: save a session's model as a labelled version, load versions, list them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from kbtune.records import ModelVersion
+from kbtune.tracking.store import SessionStore
+
+logger = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+MODEL_TAG = "kbtune.model_artifact"
+SPEC_FILE = "kbtune_model_spec.json"
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Numbers and v<number> name the registry's own versions; `latest` always means the newest.
+_RESERVED = re.compile(r"^(v?\d+|latest)$")
+
+
+class VersionLabelError(ValueError):
+    pass
+
+
+def validate_label(label: str) -> None:
+    if not label or not _LABEL.match(label) or ".." in label:
+        raise VersionLabelError(
+            f"version label {label!r} is not allowed: use 1-100 letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit, without '..' or path separators"
+        )
+    if _RESERVED.match(label):
+        raise VersionLabelError(f"version label {label!r} is reserved (numbers, v<number> and 'latest' are automatic)")
+
+
+def save_model_dir(model: Any, tokenizer: Any, spec: dict[str, Any], directory: Path) -> Path:
+    """A Hugging Face directory: safetensors weights, config, tokenizer, and the spec that built it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
+    return directory
+
+
+def load_model_dir(directory: Path, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """Model (eval mode) and tokenizer from a saved directory; safetensors only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    if (directory / "adapter_config.json").exists():
+        from kbtune.modeling.lora import load_adapter_dir
+
+        model = load_adapter_dir(directory, trust_remote_code=trust_remote_code)
+    else:
+        if not any(directory.glob("*.safetensors")):
+            raise FileNotFoundError(f"{directory} has no safetensors weights")
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tokenizer
+
+
+class ModelManager:
+    def __init__(self, store: SessionStore, cache_dir: Path | str = "data/cache"):
+        self.store = store
+        self.cache_dir = Path(cache_dir)
+
+    def save_model(
+        self, version: str | None, session_id: str, metrics: dict[str, float] | None = None
+    ) -> ModelVersion:
+        """Register `session_id`'s trained model as a new version labelled `version` (None: automatic).
+        A taken label is an error and overwrites nothing."""
+        if version is not None:
+            validate_label(version)
+        tags = self.store.get_tags(session_id)
+        if MODEL_TAG not in tags:
+            raise FileNotFoundError(
+                f"training session {session_id} has no trained model to save (it did not complete)"
+            )
+        if metrics is None:
+            metrics = self.store.get_session(session_id).metrics
+        mv = self.store.create_version(session_id, tags[MODEL_TAG], version, metrics)
+        logger.info("model version %s (id %s) saved from session %s", mv.version, mv.id, session_id)
+        return mv
+
+    def model_dir(self, version: str = "latest") -> tuple[ModelVersion, Path]:
+        mv = self.store.get_version(version)
+        return mv, self.store.download(mv.source, self.cache_dir / "models" / mv.id)
+
+    def load_model(self, version: str = "latest", trust_remote_code: bool = False) -> tuple[Any, Any]:
+        """(model, tokenizer) ready for `generate`, for a label, a number, `latest` or an alias."""
+        mv, directory = self.model_dir(version)
+        logger.info("loading model version %s from %s", mv.version, directory)
+        return load_model_dir(directory, trust_remote_code)
+
+    def get_model_versions(self) -> list[ModelVersion]:
+        return self.store.list_versions()
+
+    def promote(self, version: str, alias: str = "champion") -> ModelVersion:
+        if _RESERVED.match(alias) or not _LABEL.match(alias):
+            raise VersionLabelError(f"alias {alias!r} is not allowed (letters, digits, '.', '_', '-'; not latest or v<number>)")
+        mv = self.store.get_version(version)
+        self.store.set_alias(mv.id, alias)
+        return self.store.get_version(mv.id)

@@ -1,0 +1,121 @@
+"""The LightningModule: causal-LM loss, AdamW with warmup + cosine decay, train/val metrics.
+
+It takes a model *spec* (plain values) and builds the transformers model itself, so checkpoints hold
+primitives only and load with `weights_only=True`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics import MeanMetric, SumMetric
+
+from kbtune.modeling.factory import ModelSpec, build_model
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    # The cosine decays to this fraction of the peak learning rate.
+    min_lr_ratio: float = 0.1
+
+    def validate(self) -> list[str]:
+        p = []
+        if not self.learning_rate > 0:
+            p.append(f"optim.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            p.append(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            p.append(f"optim.beta1/beta2: must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.warmup_steps < 0:
+            p.append(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            p.append(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        return p
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine from 1 down to `min_ratio` at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CausalLMModule(pl.LightningModule):
+    def __init__(self, model_spec: dict[str, Any], optim: dict[str, Any] | None = None):
+        super().__init__()
+        # Plain dicts only: the checkpoint stays loadable with weights_only=True.
+        self.save_hyperparameters()
+        self.spec = ModelSpec.from_dict(model_spec)
+        self.optim = OptimSettings(**(optim or {}))
+        self.model = build_model(self.spec)
+        if self.spec.lora is not None:
+            from kbtune.modeling.lora import apply_lora
+
+            self.model = apply_lora(self.model, self.spec.lora)
+        self.val_loss = MeanMetric()
+        self.val_correct = SumMetric()
+        self.val_tokens = SumMetric()
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        return self.model(input_ids=input_ids, labels=labels)
+
+    @staticmethod
+    def _token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        target = labels[:, 1:]
+        mask = target != -100
+        correct = ((logits[:, :-1].argmax(-1) == target) & mask).sum()
+        return correct, mask.sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self(batch["input_ids"], batch["labels"])
+        self.log("train/loss", out.loss, on_step=True, on_epoch=False, prog_bar=True)
+        if self._trainer is not None and self.trainer.lr_scheduler_configs:
+            self.log("train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], on_step=True, on_epoch=False)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch["input_ids"], batch["labels"])
+        correct, tokens = self._token_stats(out.logits, batch["labels"])
+        # Weighted by predicted tokens, so val/loss is the per-token mean across the whole split.
+        self.val_loss.update(out.loss.detach().float(), weight=tokens)
+        self.val_correct.update(correct)
+        self.val_tokens.update(tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/perplexity", torch.exp(loss))
+        self.log("val/accuracy", self.val_correct.compute() / self.val_tokens.compute().clamp(min=1))
+        for metric in (self.val_loss, self.val_correct, self.val_tokens):
+            metric.reset()
+
+    def configure_optimizers(self) -> Any:
+        o = self.optim
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+        # foreach, not fused: fused AdamW + bf16-mixed + gradient clipping raises on CPU.
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True,
+        )  # fmt: skip
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = min(o.warmup_steps, max(0, total - 1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, warmup, total, o.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optim_dict(self) -> dict[str, Any]:
+        return asdict(self.optim)

@@ -1,0 +1,199 @@
+"""The seed's TrainingLoop: a Lightning Trainer with checkpointing, early stopping, LR monitoring and
+a progress bar, run over the CausalLMModule and KBDataModule."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    max_epochs: int = 3
+    max_steps: int = -1
+    val_check_interval: float | int = 1.0
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    # `auto`: bf16-mixed where the CPU/GPU supports bf16, else 32-true.
+    precision: str = "auto"
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    log_every_n_steps: int = 10
+    num_sanity_val_steps: int = 0
+    limit_val_batches: float | int = 1.0
+    enable_progress_bar: bool = True
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.max_epochs < 1 and self.max_steps < 1:
+            p.append(f"trainer.max_epochs: must be >= 1 (or set trainer.max_steps >= 1), got {self.max_epochs}")
+        elif self.max_epochs < -1 or self.max_epochs == 0 and self.max_steps < 1:
+            p.append(f"trainer.max_epochs: must be >= 1 or -1 (unlimited, with trainer.max_steps), got {self.max_epochs}")
+        if self.max_steps < -1 or self.max_steps == 0:
+            p.append(f"trainer.max_steps: must be >= 1 or -1 (no limit), got {self.max_steps}")
+        if self.max_epochs == -1 and self.max_steps < 1:
+            p.append("trainer.max_steps: required (>= 1) when trainer.max_epochs=-1")
+        if self.accumulate_grad_batches < 1:
+            p.append(f"trainer.accumulate_grad_batches: must be >= 1, got {self.accumulate_grad_batches}")
+        if self.gradient_clip_val < 0:
+            p.append(f"trainer.gradient_clip_val: must be >= 0 (0 disables clipping), got {self.gradient_clip_val}")
+        if self.precision not in PRECISIONS:
+            p.append(f"trainer.precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if isinstance(self.val_check_interval, float) and not 0 < self.val_check_interval <= 1:
+            p.append(f"trainer.val_check_interval: a fraction must be in (0, 1], got {self.val_check_interval}")
+        if isinstance(self.val_check_interval, int) and not isinstance(self.val_check_interval, bool) and self.val_check_interval < 1:
+            p.append(f"trainer.val_check_interval: a step count must be >= 1, got {self.val_check_interval}")
+        if self.log_every_n_steps < 1:
+            p.append(f"trainer.log_every_n_steps: must be >= 1, got {self.log_every_n_steps}")
+        return p
+
+
+@dataclass(frozen=True)
+class CallbackSettings:
+    save_top_k: int = 1
+    save_last: bool = True
+    monitor: str = "val/loss"
+    early_stopping: bool = False
+    early_stopping_patience: int = 3
+    early_stopping_min_delta: float = 0.0
+
+    def validate(self) -> list[str]:
+        p = []
+        if self.save_top_k < -1:
+            p.append(f"callbacks.save_top_k: must be >= -1, got {self.save_top_k}")
+        if self.early_stopping_patience < 1:
+            p.append(f"callbacks.early_stopping_patience: must be >= 1, got {self.early_stopping_patience}")
+        return p
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def bf16_supported(accelerator: str = "auto") -> bool:
+    """bf16 autocast pays off only with native support: Ampere+ GPUs, or CPUs with AVX512-BF16/AMX."""
+    import torch
+
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if accelerator in ("auto", "cpu"):
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(settings: TrainerSettings) -> str:
+    if settings.precision != "auto":
+        return settings.precision
+    return "bf16-mixed" if bf16_supported(settings.accelerator) else "32-true"
+
+
+def precision_problems(settings: TrainerSettings) -> list[str]:
+    """Precisions the device cannot run, caught before anything starts."""
+    on_gpu = settings.accelerator in ("gpu", "cuda") or (settings.accelerator == "auto" and cuda_available())
+    if settings.precision.startswith("16") and not on_gpu:
+        return ["trainer.precision: 16-mixed needs a CUDA GPU; on CPU use bf16-mixed, 32-true or auto"]
+    if settings.precision.startswith("bf16") and not bf16_supported(settings.accelerator):
+        return [f"trainer.precision: {settings.precision} is not supported on this device; use 32-true or auto"]
+    return []
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]
+    best_checkpoint: str | None
+    last_checkpoint: str | None
+    interrupted: bool
+    global_step: int
+    epoch: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingLoop:
+    def __init__(self, trainer_settings: TrainerSettings, callback_settings: CallbackSettings, checkpoint_dir: Path):
+        self.settings = trainer_settings
+        self.callback_settings = callback_settings
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.trainer: Any = None
+
+    def build_trainer(self, loggers: list[Any], extra_callbacks: list[Any] | None = None) -> Any:
+        import pytorch_lightning as pl
+        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+        s, c = self.settings, self.callback_settings
+        callbacks: list[Any] = [
+            ModelCheckpoint(
+                dirpath=str(self.checkpoint_dir),
+                filename="best-{epoch:02d}-{step}",
+                monitor=c.monitor,
+                mode="min",
+                save_top_k=c.save_top_k,
+                save_last=c.save_last,
+                auto_insert_metric_name=False,
+            )
+        ]
+        if c.early_stopping:
+            callbacks.append(
+                EarlyStopping(monitor=c.monitor, patience=c.early_stopping_patience, min_delta=c.early_stopping_min_delta)
+            )
+        callbacks.extend(extra_callbacks or [])
+        precision = resolve_precision(s)
+        logger.info("trainer: precision %s, accelerator %s, checkpoints in %s", precision, s.accelerator, self.checkpoint_dir)
+        self.trainer = pl.Trainer(
+            max_epochs=s.max_epochs,
+            max_steps=s.max_steps,
+            val_check_interval=s.val_check_interval,
+            accumulate_grad_batches=s.accumulate_grad_batches,
+            gradient_clip_val=s.gradient_clip_val or None,
+            precision=precision,
+            accelerator=s.accelerator,
+            devices=s.devices,
+            strategy=s.strategy,
+            num_nodes=s.num_nodes,
+            log_every_n_steps=s.log_every_n_steps,
+            num_sanity_val_steps=s.num_sanity_val_steps,
+            limit_val_batches=s.limit_val_batches,
+            enable_progress_bar=s.enable_progress_bar,
+            enable_model_summary=False,
+            logger=loggers or False,
+            callbacks=callbacks,
+            # The DataModule's sampler already shards by rank, deterministically.
+            use_distributed_sampler=False,
+            default_root_dir=str(self.checkpoint_dir),
+        )
+        return self.trainer
+
+    def train(self, module: Any, datamodule: Any, loggers: list[Any], ckpt_path: str | None = None,
+              extra_callbacks: list[Any] | None = None) -> TrainResult:  # fmt: skip
+        """Fit; a KeyboardInterrupt ends with `interrupted=True` instead of Lightning's sys.exit."""
+        import signal
+
+        trainer = self.build_trainer(loggers, extra_callbacks)
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SystemExit:
+            # Lightning turns Ctrl-C into sys.exit(1) after its own graceful shutdown.
+            if not trainer.interrupted:
+                raise
+        finally:
+            signal.signal(signal.SIGINT, handler)  # Lightning leaves SIGINT ignored after an interrupt
+        ckpt = next((cb for cb in trainer.callbacks if type(cb).__name__ == "ModelCheckpoint"), None)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        return TrainResult(
+            metrics=metrics,
+            best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,
+            last_checkpoint=(ckpt.last_model_path or None) if ckpt else None,
+            interrupted=bool(trainer.interrupted),
+            global_step=int(trainer.global_step),
+            epoch=int(trainer.current_epoch),
+        )
