@@ -1,0 +1,104 @@
+"""Every shipped config file composes and validates; bad values are gathered into one error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kbtune import pipeline
+
+CONF = pipeline.CONF_DIR
+# Options that need arguments a bare compose does not have, with the overrides that complete them.
+NEEDS = {("model", "local"): ["model.path={tmp}"]}
+# Group options that only compose on top of another selection.
+SKIP_VALIDATE = {("trainer", "fsdp"), ("trainer", "ddp")}
+
+
+def group_options() -> list[tuple[str, str]]:
+    out = []
+    for group_dir in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):
+        for f in sorted(group_dir.glob("*.yaml")):
+            out.append((group_dir.name, f.stem))
+    return out
+
+
+@pytest.mark.parametrize(("group", "option"), group_options())
+def test_every_config_file_composes(group, option, tmp_path):
+    overrides = [f"paths.root={tmp_path}", f"{group}={option}"]
+    overrides += [o.format(tmp=tmp_path) for o in NEEDS.get((group, option), [])]
+    cfg = pipeline.compose(overrides)
+    data = pipeline.to_container(cfg)
+    assert data["paths"]["root"] == str(tmp_path.resolve())
+    if (group, option) in NEEDS or (group, option) in SKIP_VALIDATE or group == "hparams_search":
+        return
+    plan, runtime = pipeline.load(cfg)
+    assert plan.config["model"]["name"] and runtime.tracking.uri
+
+
+def test_top_level_configs_compose(tmp_path):
+    for name in ("train", "evaluate"):
+        cfg = pipeline.compose([f"paths.root={tmp_path}"], config_name=name)
+        assert cfg.paths.root == str(tmp_path)
+
+
+def test_defaults_resolve_to_absolute_paths_under_root(tmp_path):
+    plan, runtime = pipeline.load(pipeline.compose([f"paths.root={tmp_path}"]))
+    assert runtime.tracking.uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert runtime.kb.path == f"{tmp_path.resolve()}/data/chroma"
+    assert runtime.sessions_dir == tmp_path.resolve() / "sessions"
+    assert plan.model.name == "small" and plan.trainer.max_epochs == 3
+
+
+def test_every_problem_is_reported_at_once_naming_its_key(tmp_path):
+    cfg = pipeline.compose(
+        [f"paths.root={tmp_path}", "trainer.max_epochs=-2", "data.val_fraction=1.5", "data.batch_size=0",
+         "model.learning_rate=-1", "model.n_embd=100", "model.n_head=3", "kb.collection=ab", "version=../x"]
+    )  # fmt: skip
+    with pytest.raises(pipeline.ConfigError) as err:
+        pipeline.load(cfg)
+    keys = {p.split(":")[0] for p in err.value.problems}
+    assert {"trainer.max_epochs", "data.val_fraction", "data.batch_size", "optim.learning_rate", "model.n_embd",
+            "kb.collection", "version"} <= keys  # fmt: skip
+
+
+def test_wrong_types_are_reported(tmp_path):
+    cfg = pipeline.compose([f"paths.root={tmp_path}", "trainer.max_epochs=three", "data.block_size=1.5"])
+    with pytest.raises(pipeline.ConfigError, match=r"trainer.max_epochs: expected int, got 'three'"):
+        pipeline.load(cfg)
+
+
+def test_unknown_override_key_is_refused_by_hydra(tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="trainer.max_epoch"):
+        pipeline.compose([f"paths.root={tmp_path}", "trainer.max_epoch=3"])
+
+
+def test_local_model_needs_a_loadable_directory(tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    for overrides, message in (
+        (["model=local"], "model.path: required"),
+        (["model=local", f"model.path={tmp_path / 'missing'}"], "is not a directory"),
+        (["model=local", f"model.path={empty}"], "no config.json"),
+    ):
+        with pytest.raises(pipeline.ConfigError, match=message):
+            pipeline.load(pipeline.compose([f"paths.root={tmp_path}", *overrides]))
+
+
+def test_configs_are_airtight(tmp_path):
+    """Each YAML's keys are read by a settings class: an unused key fails validation."""
+    cfg = pipeline.compose([f"paths.root={tmp_path}"])
+    for section in ("data", "trainer", "callbacks"):
+        data = pipeline.to_container(cfg)
+        data[section]["not_a_key"] = 1
+        problems: list[str] = []
+        pipeline.plan_from(data, problems)
+        assert any(p.startswith(f"{section}.not_a_key: unknown key") for p in problems)
+
+
+def test_each_yaml_starts_with_a_comment():
+    for f in Path(CONF).rglob("*.yaml"):
+        first = f.read_text().lstrip().splitlines()[0]
+        assert first.startswith("#"), f"{f} should open with a comment saying what it is for"

@@ -1,0 +1,166 @@
+"""Data preparation: cleaning rules, document-level split, packing, caching, formatting."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from kbtune.data.preparation import (
+    DataError,
+    DataPreparation,
+    DataSettings,
+    clean_documents,
+    normalise_whitespace,
+    pack,
+    split_of,
+)
+from kbtune.knowledge_base import Document, KBSettings, KnowledgeBase
+from kbtune.modeling.factory import ModelSpec, TokenizerProvider
+
+WORDS = "tide buoy sensor probe harbour calibration firmware station river soil wind rain".split()
+
+
+def text(i: int, n: int = 60) -> str:
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n)) + f" document {i}."
+
+
+def make_kb(tmp_path, docs: list[Document], name: str = "prep") -> KnowledgeBase:
+    kb = KnowledgeBase.connect(KBSettings(path=str(tmp_path / "chroma"), collection=name, page_size=7))
+    kb.upsert(docs, [[float(i % 5), 1.0] for i in range(len(docs))], create=True)
+    return kb
+
+
+def preparation(kb, tmp_path, **settings) -> DataPreparation:
+    s = DataSettings(cache_dir=str(tmp_path / "cache"), **{"block_size": 32, "val_fraction": 0.2, **settings})
+    spec = ModelSpec(name="t", vocab_size=300, max_position=64)
+    return DataPreparation(kb, s, TokenizerProvider(spec, tmp_path / "cache"))
+
+
+# -- cleaning ------------------------------------------------------------------------------------
+def test_cleaning_drops_none_empty_whitespace_and_duplicates_and_counts_them():
+    docs = [
+        Document("a", "Hello   world\t again\r\n\n\n\nsecond  para"),
+        Document("b", None),
+        Document("c", ""),
+        Document("d", "  \n\t  "),
+        Document("e", "Hello world again\n\nsecond para"),  # same content as "a" once normalised
+        Document("f", "something else"),
+    ]
+    drops: Counter = Counter()
+    kept = clean_documents(docs, drops)
+    assert [d.id for d in kept] == ["a", "f"]
+    assert kept[0].text == "Hello world again\n\nsecond para"
+    assert drops == Counter({"none": 1, "empty": 2, "duplicate": 1})
+
+
+def test_normalise_whitespace_keeps_paragraphs():
+    assert normalise_whitespace(" a  b \n\n\n\n c\u00a0d ") == "a b\n\nc d"
+
+
+# -- split ---------------------------------------------------------------------------------------
+def test_split_is_deterministic_disjoint_and_stable_when_documents_are_added():
+    ids = [f"doc-{i}" for i in range(2000)]
+    before = {i: split_of(i, 0, 0.1) for i in ids}
+    grown = ids + [f"new-{i}" for i in range(3000)]
+    after = {i: split_of(i, 0, 0.1) for i in grown}
+    assert all(after[i] == before[i] for i in ids), "adding documents moved an existing one"
+    share = sum(v == "val" for v in after.values()) / len(after)
+    assert 0.08 < share < 0.12
+    assert {split_of(i, 1, 0.1) for i in ids} == {"train", "val"}
+    assert sum(split_of(i, 1, 0.1) != before[i] for i in ids) > 0, "the seed must change the split"
+
+
+def test_prepared_splits_hold_whole_documents(tmp_path):
+    kb = make_kb(tmp_path, [Document(f"d{i:03d}", text(i)) for i in range(60)])
+    data = preparation(kb, tmp_path).prepare_dataset()
+    entries = data.manifest["documents"]
+    assert len(entries) == 60 and len({e["id"] for e in entries}) == 60
+    val_ids = {e["id"] for e in entries if e["split"] == "val"}
+    assert val_ids and val_ids == {f"d{i:03d}" for i in range(60) if split_of(f"d{i:03d}", 0, 0.2) == "val"}
+    assert data.manifest["splits"]["val"]["documents"] == len(val_ids)
+
+
+# -- packing -------------------------------------------------------------------------------------
+def test_pack_puts_eos_between_documents_and_cuts_full_blocks():
+    blocks, tail = pack([[1, 2, 3], [4, 5], [6, 7, 8]], eos_id=0, block_size=4)
+    assert blocks.tolist() == [[1, 2, 3, 0], [4, 5, 0, 6]]
+    assert tail == 3  # 7 8 EOS do not fill a block
+    assert blocks.dtype == np.int32
+
+
+def test_prepared_blocks_have_block_size_and_eos_separators(tmp_path):
+    kb = make_kb(tmp_path, [Document(f"d{i:03d}", text(i)) for i in range(40)])
+    data = preparation(kb, tmp_path).prepare_dataset()
+    eos = data.tokenizer.eos_token_id
+    assert data.train.shape[1] == 32 and data.val.shape[1] == 32
+    train_docs = data.manifest["splits"]["train"]["documents"]
+    # One EOS per document, except those that fell into the dropped tail.
+    assert train_docs - 1 <= int((data.train == eos).sum()) <= train_docs
+
+
+# -- cache ---------------------------------------------------------------------------------------
+def test_cache_hit_when_nothing_changed_and_new_key_when_one_document_changes(tmp_path):
+    docs = [Document(f"d{i:03d}", text(i)) for i in range(40)]
+    kb = make_kb(tmp_path, docs)
+    first = preparation(kb, tmp_path).prepare_dataset()
+    again = preparation(kb, tmp_path).prepare_dataset()
+    assert again.cached and again.manifest["cache_key"] == first.manifest["cache_key"]
+    np.testing.assert_array_equal(again.train, first.train)
+
+    kb.upsert([Document("d005", text(5) + " edited")], [[0.0, 1.0]])
+    changed = preparation(kb, tmp_path).prepare_dataset()
+    assert not changed.cached
+    assert changed.manifest["cache_key"] != first.manifest["cache_key"]
+    other = preparation(kb, tmp_path, block_size=16).prepare_dataset()
+    assert other.manifest["cache_key"] not in (first.manifest["cache_key"], changed.manifest["cache_key"])
+
+
+def test_manifest_records_hashes_drops_and_token_counts(tmp_path):
+    docs = [Document(f"d{i:03d}", text(i)) for i in range(40)] + [Document("dup", text(3)), Document("blank", "  ")]
+    kb = make_kb(tmp_path, docs)
+    data = preparation(kb, tmp_path).prepare_dataset()
+    m = json.loads(data.manifest_path.read_text())
+    assert m["document_count"] == 40 and m["drops"] == {"duplicate": 1, "empty": 1}
+    assert all(len(e["sha256"]) == 64 for e in m["documents"])
+    assert m["splits"]["train"]["tokens"] > 0 and m["collection"] == "prep"
+
+
+# -- formatting ----------------------------------------------------------------------------------
+def test_template_can_use_metadata_and_counts_missing_fields(tmp_path):
+    docs = [Document(f"d{i:03d}", text(i), {"title": f"Title {i}"}) for i in range(30)] + [Document("untitled", text(99))]
+    kb = make_kb(tmp_path, docs)
+    data = preparation(kb, tmp_path, template="# {title}\n\n{text}").prepare_dataset()
+    assert data.manifest["drops"] == {"missing_field:title": 1}
+    decoded = data.tokenizer.decode(data.train.reshape(-1).tolist())
+    assert "# Title" in decoded
+
+
+def test_qa_format_masks_the_prompt(tmp_path):
+    docs = [
+        Document(f"q{i:02d}", f"## Q: question {i}?\n\nanswer {i}", {"question": f"How does {WORDS[i % 12]} work?", "answer": text(i, 20)})
+        for i in range(40)
+    ] + [Document("plain", text(1))]
+    kb = make_kb(tmp_path, docs)
+    data = preparation(kb, tmp_path, format="qa").prepare_dataset()
+    assert data.manifest["drops"] == {"no_question_answer": 1}
+    assert data.train_labels is not None and data.train_labels.shape == data.train.shape
+    masked = data.train_labels == -100
+    assert masked.any() and (~masked).any()
+    # Where a label is kept it is the token itself (the model shifts internally).
+    np.testing.assert_array_equal(data.train_labels[~masked], data.train[~masked])
+
+
+# -- errors --------------------------------------------------------------------------------------
+def test_too_little_text_names_block_size(tmp_path):
+    kb = make_kb(tmp_path, [Document(f"d{i}", f"tiny text {i}") for i in range(30)])
+    with pytest.raises(DataError, match="data.block_size"):
+        preparation(kb, tmp_path, block_size=4096).prepare_dataset()
+
+
+def test_empty_collection_names_the_collection(tmp_path):
+    kb = make_kb(tmp_path, [Document("a", "   ")])
+    with pytest.raises(DataError, match="kb.collection"):
+        preparation(kb, tmp_path).prepare_dataset()
