@@ -16,9 +16,13 @@ logger = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
 MODEL_TAG = "kbtune.model_artifact"
 SPEC_FILE = "kbtune_model_spec.json"
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# \Z, not $: `$` also matches before a trailing newline, which would let "x\n" through.
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")
 # Numbers and v<number> name the registry's own versions; `latest` always means the newest.
-_RESERVED = re.compile(r"^(v?\d+|latest)$")
+# Case-insensitive, as MLflow reserves `Latest` and `V3` for aliases.
+_RESERVED = re.compile(r"^(v?\d+|latest)\Z", re.IGNORECASE)
+# MLflow's alias names allow no '.', unlike labels.
+_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}\Z")
 
 
 class VersionLabelError(ValueError):
@@ -77,6 +81,9 @@ class ModelManager:
         A taken label is an error and overwrites nothing."""
         if version is not None:
             validate_label(version)
+            if any(version in v.aliases for v in self.store.list_versions()):
+                # get_version resolves aliases before labels: the new version would be unreachable by name.
+                raise VersionLabelError(f"version label {version!r} is already an alias; choose another label")
         tags = self.store.get_tags(session_id)
         if MODEL_TAG not in tags:
             raise FileNotFoundError(
@@ -102,8 +109,11 @@ class ModelManager:
         return self.store.list_versions()
 
     def promote(self, version: str, alias: str = "champion") -> ModelVersion:
-        if _RESERVED.match(alias) or not _LABEL.match(alias):
-            raise VersionLabelError(f"alias {alias!r} is not allowed (letters, digits, '.', '_', '-'; not latest or v<number>)")
+        if _RESERVED.match(alias) or not _ALIAS.match(alias):
+            raise VersionLabelError(f"alias {alias!r} is not allowed (letters, digits, '_', '-'; not latest or v<number>)")
         mv = self.store.get_version(version)
+        if any(v.version == alias for v in self.store.list_versions()):
+            # An alias would shadow the label of that name in get_version.
+            raise VersionLabelError(f"alias {alias!r} is already a version label; choose another alias")
         self.store.set_alias(mv.id, alias)
         return self.store.get_version(mv.id)

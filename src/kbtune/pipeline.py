@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from kbtune.data.preparation import DataSettings
+from kbtune.distributed import is_rank_zero
 from kbtune.knowledge_base import SAMPLE_COLLECTION, KBSettings
 from kbtune.modeling.factory import LoraSpec, ModelSpec
 from kbtune.modeling.module import OptimSettings
-from kbtune.training_loop import CallbackSettings, TrainerSettings, precision_problems
+from kbtune.training_loop import CallbackSettings, TrainerSettings, cuda_available, precision_problems
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,10 @@ def plan_from(data: dict[str, Any], problems: list[str]) -> Any:
         problems.append(
             f"data.block_size: {data_settings.block_size} exceeds the model's model.max_position={model.max_position}"
         )
+    if model is not None and data_settings is not None:
+        problems.extend(local_model_problems(model, data_settings))
+    if trainer is not None and trainer.strategy.startswith("fsdp") and (trainer.accelerator not in ("gpu", "cuda", "auto") or not cuda_available()):
+        problems.append("trainer.strategy: fsdp shards the model over CUDA GPUs and cannot run on this machine's CPU; use trainer=ddp or trainer=default")
     if None in (optim, model, data_settings, trainer, callbacks):
         return None
     return TrainingPlan(
@@ -188,6 +193,28 @@ def plan_from(data: dict[str, Any], problems: list[str]) -> Any:
         seed=run["seed"], register=bool(run["register"]), version=run["version"], ckpt_path=run["ckpt_path"],
         run_name=run["run_name"], save_merged=bool(run.get("save_merged") or False),
     )  # fmt: skip
+
+
+def local_model_problems(model: ModelSpec, data: DataSettings) -> list[str]:
+    """What the model's own files rule out: a block longer than its context, LoRA targets it lacks,
+    a chat template a scratch tokenizer cannot have."""
+    from kbtune.modeling.factory import local_context_length, local_dir_problems
+
+    problems = []
+    if data.chat_template and model.source != "local":
+        problems.append("data.chat_template: needs the chat template of a local model's tokenizer (model=local model.path=DIR)")
+    if model.source == "local" and not local_dir_problems(model.path, model.trust_remote_code):
+        context = local_context_length(str(model.path))
+        if context is not None and data.block_size > context:
+            problems.append(
+                f"data.block_size: {data.block_size} exceeds the {context}-token context of {model.path} "
+                f"(its config.json); set data.block_size <= {context}"
+            )
+    if model.lora is not None and model.lora.target_modules:
+        from kbtune.modeling.lora import lora_problems
+
+        problems.extend(lora_problems(model))
+    return problems
 
 
 def load(cfg: Any) -> tuple[Any, Runtime]:
@@ -258,9 +285,17 @@ def git_commit(root: Path) -> str:
 
 def run_identity(plan: Any, overrides: list[str]) -> tuple[str, dict[str, str]]:
     """A readable run name (model + key overrides) and tags for the MLflow UI."""
-    shown = [o for o in overrides if not o.startswith(("hydra", "paths.", "tracking", "kb", "model="))]
-    name = plan.run_name or "-".join([plan.model.name, *[o.split(".")[-1] for o in shown]])[:200]
+    shown = [o for o in overrides if not o.startswith(("hydra", "paths.", "tracking", "kb", "model=", "hparams_search"))]
+    # `model.learning_rate=0.001` -> `learning_rate=0.001` (split the key only: values hold dots too).
+    short = [f"{key.rsplit('.', 1)[-1]}={value}" for key, _, value in (o.partition("=") for o in shown)]
+    name = plan.run_name or "-".join([plan.model.name, *short])[:200]
     return name, {"kbtune.overrides": " ".join(overrides)[:5000]}
+
+
+def hydra_context_active() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized()
 
 
 def hydra_context() -> tuple[list[str], dict[str, str]]:
@@ -272,7 +307,9 @@ def hydra_context() -> tuple[list[str], dict[str, str]]:
     hc = HydraConfig.get()
     tags = {}
     if str(hc.mode) == "RunMode.MULTIRUN":
-        tags = {"kbtune.sweep": Path(hc.sweep.dir).as_posix(), "kbtune.sweep_job": str(hc.job.num)}
+        from kbtune.tracking.store import SWEEP_TAG
+
+        tags = {SWEEP_TAG: Path(hc.sweep.dir).as_posix(), "kbtune.sweep_job": str(hc.job.num)}
     return list(hc.overrides.task), tags
 
 
@@ -287,8 +324,14 @@ def train(cfg: Any) -> float | None:
     ensure_sample_kb(service.kb, runtime)
     resume = cfg.get("resume")
     session_id = None
+    if plan.trainer.strategy.startswith(("ddp", "fsdp", "deepspeed")) and not hydra_context_active():
+        raise ConfigError([
+            f"trainer.strategy: {plan.trainer.strategy} starts its other ranks by running the training script "
+            f"again; launch it with scripts/train.py"
+        ])  # fmt: skip
     if plan.ckpt_path == "last":
-        session_id = latest_resumable(service)
+        # Other ranks train under rank zero's session (see kbtune.distributed); by now it is running.
+        session_id = latest_resumable(service) if is_rank_zero() else None
         plan = dataclasses.replace(plan, ckpt_path=None)
     if resume:
         previous = service.store.get_session(str(resume))
@@ -297,7 +340,8 @@ def train(cfg: Any) -> float | None:
     preparation = service.prepare_training_data(plan)
     name, tags = run_identity(plan, overrides)
     tags.update(sweep_tags)
-    tags["kbtune.git_commit"] = git_commit(runtime.root)
+    # The commit of the code that trains (this checkout), wherever paths.root puts the outputs.
+    tags["kbtune.git_commit"] = git_commit(CONF_DIR.parent)
     plan = dataclasses.replace(plan, run_name=name, tags={**plan.tags, **tags})
     assert isinstance(plan, TrainingPlan)
     outcome = service.train_model(plan, session_id=session_id, preparation=preparation)
@@ -309,9 +353,9 @@ def latest_resumable(service: Any) -> str:
     from kbtune.records import SessionStatus
 
     for session in service.store.list_sessions():
-        if session.status in (SessionStatus.STOPPED, SessionStatus.FAILED):
-            if (service.session_dir(session.id) / "checkpoints" / "last.ckpt").exists():
-                return session.id
+        last = service.session_dir(session.id) / "checkpoints" / "last.ckpt"
+        if session.status in (SessionStatus.STOPPED, SessionStatus.FAILED) and last.exists():
+            return session.id
     raise ConfigError(["ckpt_path: `last` found no stopped or failed session with a last.ckpt to resume"])
 
 
@@ -340,10 +384,12 @@ def evaluate(cfg: Any) -> dict[str, float]:
     return service.evaluate_model(data["version"], settings)
 
 
-def precheck(cfg: Any, config_name: str | None) -> None:
+def precheck(cfg: Any, config_name: str | None, checked_data: set[str] | None = None) -> None:
     """Everything checkable before Hydra creates the run's output directory and before any MLflow
     run exists: the config itself, and for training, that the KB yields at least one block per split
-    (the prepared data is cached, so the job reuses it)."""
+    (the prepared data is cached, so the job reuses it). `checked_data` skips data already checked."""
+    if not is_rank_zero():
+        return  # rank zero checked everything before it launched this process
     if config_name == "evaluate":
         problems: list[str] = []
         from kbtune.evaluation import EvalSettings
@@ -357,6 +403,11 @@ def precheck(cfg: Any, config_name: str | None) -> None:
     plan, runtime = load(cfg)
     if cfg.get("resume"):
         return  # the stored session config is validated when the job loads it
+    data_key = repr((plan.data, plan.model, runtime.kb, runtime.cache_dir))
+    if checked_data is not None:
+        if data_key in checked_data:
+            return
+        checked_data.add(data_key)
     from kbtune.knowledge_base import KnowledgeBase
     from kbtune.service import TrainingService
 
@@ -365,23 +416,70 @@ def precheck(cfg: Any, config_name: str | None) -> None:
     TrainingService.prepare_with(kb, plan, runtime.cache_dir)
 
 
+def sweep_jobs(config: Any) -> list[tuple[str, Any]]:
+    """(label, composed config) of each job a multirun will launch, enumerated like Hydra's basic
+    sweeper does: the product of the comma-separated command-line sweeps. Ranges a sweeper samples
+    (Optuna's `interval(...)`) cannot be enumerated; those jobs are checked with the base value."""
+    import itertools
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    options: list[list[str]] = []
+    for override in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        if not override.is_sweep_override():
+            options.append([override.input_line])
+        elif override.is_discrete_sweep():
+            key = override.get_key_element()
+            options.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+    swept = [i for i, values in enumerate(options) if len(values) > 1]
+    loader = GlobalHydra.instance().config_loader()
+    jobs = []
+    for combination in itertools.product(*options):
+        label = " ".join(combination[i] for i in swept) or "the base config"
+        jobs.append((label, loader.load_sweep_config(config, list(combination))))
+    return jobs
+
+
+def precheck_sweep(config: Any, config_name: str | None) -> None:
+    """`precheck` for every job of a multirun before the first starts: one error lists each job's
+    problems, so a bad value in a sweep stops it before any session is recorded."""
+    from hydra.errors import HydraException
+
+    problems: list[str] = []
+    checked_data: set[str] = set()
+    try:
+        jobs = sweep_jobs(config)
+    except HydraException as exc:
+        raise ConfigError([f"sweep: {exc}"]) from exc
+    for label, job_config in jobs:
+        try:
+            precheck(job_config, config_name, checked_data)
+        except ConfigError as exc:
+            problems.extend(f"[{label}] {p}" for p in exc.problems)
+        except user_errors() as exc:
+            problems.append(f"[{label}] {exc}")
+    if problems:
+        raise ConfigError(problems)
+
+
 def hydra_validation_callback() -> Any:
     from hydra.experimental.callback import Callback
 
     class ValidateBeforeRun(Callback):
-        def _check(self, config: Any, config_name: str | None) -> None:
+        def _check(self, check: Any, config: Any, config_name: str | None) -> None:
             import sys
 
             try:
-                precheck(config, config_name)
+                check(config, config_name)
             except user_errors() as exc:
                 print(f"kbtune: error: {exc}", file=sys.stderr)
                 sys.exit(2)
 
         def on_run_start(self, config: Any, config_name: str | None = None, **kwargs: Any) -> None:
-            self._check(config, config_name)
+            self._check(precheck, config, config_name)
 
         def on_multirun_start(self, config: Any, config_name: str | None = None, **kwargs: Any) -> None:
-            self._check(config, config_name)
+            self._check(precheck_sweep, config, config_name)
 
     return ValidateBeforeRun()

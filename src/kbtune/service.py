@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kbtune.data.preparation import DataPreparation, DataSettings, PreparedData
+from kbtune.distributed import RankZeroHandoff, handoff_to_other_ranks, is_rank_zero
 from kbtune.knowledge_base import KnowledgeBase
 from kbtune.model_manager import MODEL_ARTIFACT, MODEL_TAG, ModelManager, save_model_dir
 from kbtune.modeling.factory import ModelSpec, TokenizerProvider
@@ -106,13 +107,19 @@ class TrainingService:
         on_session: Callable[[TrainingSession], None] | None = None,
     ) -> TrainOutcome:
         """Train one session. With `session_id` of an existing pending session it runs that one; of a
-        stopped/failed session it resumes from its last checkpoint in the same session."""
-        import pytorch_lightning as pl
-
+        stopped/failed session it resumes from its last checkpoint in the same session.
+        In a multi-process run (trainer=ddp/fsdp) only rank zero creates and updates records."""
+        if plan.register and plan.version is not None:
+            # A taken label would only fail after the whole training; refuse before any session exists.
+            taken = next((v for v in self.model_manager.get_model_versions() if v.version == plan.version), None)
+            if taken is not None:
+                raise FileExistsError(f"version: label {plan.version!r} is already taken (version {taken.id}); choose another label")
         preparation = preparation or self.prepare_training_data(plan)
         prepared = preparation.prepare_dataset()
         # The tokenizer is built during preparation; the spec learns its vocabulary size from it.
         spec = preparation.tokenizer_factory.resolved_spec()  # type: ignore[attr-defined]
+        if not is_rank_zero():
+            return self._train_other_rank(plan, spec, preparation, extra_callbacks)
         ckpt_path = plan.ckpt_path
         if session_id is None:
             session = self.store.create_session(plan.config, plan.run_name, plan.tags)
@@ -132,17 +139,10 @@ class TrainingService:
             self.store.update_session(session.id, status=SessionStatus.RUNNING, error="")
             self.store.set_tags(session.id, {CHECKPOINT_TAG: str(checkpoint_dir), MANIFEST_TAG: prepared.manifest["cache_key"]})
             self._log_data(session.id, prepared)
-            pl.seed_everything(plan.seed, workers=True, verbose=False)
-            from kbtune.data.datamodule import KBDataModule
-            from kbtune.modeling.module import CausalLMModule
-
-            module = CausalLMModule(spec.to_dict(), plan.optim.__dict__)
-            datamodule = KBDataModule(preparation, plan.data.batch_size, seed=plan.seed)
-            loop = TrainingLoop(plan.trainer, plan.callbacks, checkpoint_dir)
-            result = loop.train(module, datamodule, self.logger_factory(session.id), ckpt_path, extra_callbacks)
-            if not loop.trainer.is_global_zero:
-                return TrainOutcome(session, prepared=prepared)
+            module, loop, result = self._fit(plan, spec, preparation, session.id, ckpt_path, extra_callbacks)
+            module = self._gather_for_saving(loop, module, spec, plan)
             stopped = result.interrupted or bool(getattr(loop.trainer, "kbtune_stop_requested", False))
+            self._log_plots(session.id)
             if stopped:
                 session = self.store.update_session(
                     session.id, status=SessionStatus.STOPPED, completed_at=datetime.now(timezone.utc)
@@ -158,14 +158,75 @@ class TrainingService:
                 version = self.model_manager.save_model(plan.version, session.id, session.metrics)
             logger.info("session %s completed: %s", session.id, {k: round(v, 4) for k, v in (session.metrics or {}).items() if "/" in k})
             return TrainOutcome(session, version, prepared, extra={"result": result})
+        except StopRequested as exc:
+            # A graceful stop (kbtune.progress): last.ckpt was written between two optimizer steps.
+            session = self.store.update_session(session.id, status=SessionStatus.STOPPED, completed_at=datetime.now(timezone.utc))
+            logger.info("session %s %s; resume it to continue", session.id, exc)
+            return TrainOutcome(session, prepared=prepared)
         except KeyboardInterrupt:
             self.store.update_session(session.id, status=SessionStatus.STOPPED, completed_at=datetime.now(timezone.utc))
+            raise
+        except Exception as exc:
+            # Lightning turns SIGTERM (e.g. a scheduler preempting the job) into SIGTERMException:
+            # the work so far is intact, so the session is stopped, not failed.
+            status = SessionStatus.STOPPED if type(exc).__name__ == "SIGTERMException" else SessionStatus.FAILED
+            self.store.update_session(
+                session.id, status=status, error=_error_text(exc), completed_at=datetime.now(timezone.utc)
+            )
             raise
         except BaseException as exc:
             self.store.update_session(
                 session.id, status=SessionStatus.FAILED, error=_error_text(exc), completed_at=datetime.now(timezone.utc)
             )
             raise
+
+    def _fit(self, plan: TrainingPlan, spec: ModelSpec, preparation: DataPreparation, session_id: str,
+             ckpt_path: str | None, extra_callbacks: list[Any] | None) -> tuple[Any, TrainingLoop, Any]:  # fmt: skip
+        import pytorch_lightning as pl
+
+        from kbtune.data.datamodule import KBDataModule
+        from kbtune.modeling.module import CausalLMModule
+
+        pl.seed_everything(plan.seed, workers=True, verbose=False)
+        module = CausalLMModule(spec.to_dict(), plan.optim.__dict__)
+        datamodule = KBDataModule(preparation, plan.data.batch_size, seed=plan.seed)
+        loop = TrainingLoop(plan.trainer, plan.callbacks, self.session_dir(session_id) / "checkpoints")
+        # DDP/FSDP launch the other ranks inside fit(); they inherit this session from the environment.
+        data_key = preparation.prepare_dataset().manifest["cache_key"]
+        with handoff_to_other_ranks(session_id, ckpt_path, data_key):
+            result = loop.train(module, datamodule, self.logger_factory(session_id), ckpt_path, extra_callbacks)
+        return module, loop, result
+
+    def _train_other_rank(self, plan: TrainingPlan, spec: ModelSpec, preparation: DataPreparation,
+                          extra_callbacks: list[Any] | None) -> TrainOutcome:  # fmt: skip
+        """A rank other than zero: train under rank zero's session, write no record."""
+        handoff = RankZeroHandoff.from_env()
+        prepared = preparation.prepare_dataset()
+        if handoff.data_key and handoff.data_key != prepared.manifest["cache_key"]:
+            # Every rank prepares its own copy; they must be the same blocks or the shards overlap.
+            raise RuntimeError(
+                f"this rank prepared data {prepared.manifest['cache_key']} but rank zero trains on "
+                f"{handoff.data_key}: the knowledge base changed while the ranks started; start the run again"
+            )
+        module, loop, result = self._fit(plan, spec, preparation, handoff.session_id, handoff.ckpt_path, extra_callbacks)
+        self._gather_for_saving(loop, module, spec, plan)
+        return TrainOutcome(self.store.get_session(handoff.session_id), prepared=prepared, extra={"result": result})
+
+    @staticmethod
+    def _gather_for_saving(loop: TrainingLoop, module: Any, spec: ModelSpec, plan: TrainingPlan) -> Any:
+        """The trained module with whole parameters. FSDP leaves each rank a shard: gather the full
+        state (a collective every rank joins) into a fresh module on rank zero."""
+        strategy = loop.trainer.strategy
+        if type(strategy).__name__ != "FSDPStrategy":
+            return module
+        state = strategy.lightning_module_state_dict()
+        if not loop.trainer.is_global_zero:
+            return None
+        from kbtune.modeling.module import CausalLMModule
+
+        full = CausalLMModule(spec.to_dict(), plan.optim.__dict__)
+        full.load_state_dict(state)
+        return full
 
     def evaluate_model(self, version: str, settings: Any = None) -> dict[str, float]:
         from kbtune.evaluation import EvalSettings, ModelEvaluation
@@ -174,6 +235,16 @@ class TrainingService:
         return evaluation.evaluate(version, settings or EvalSettings())
 
     # -- helpers --------------------------------------------------------------------------------
+    def _log_plots(self, session_id: str) -> None:
+        from kbtune.plots import log_training_plots
+
+        try:
+            log_training_plots(self.store, session_id)
+        except Exception:
+            # The plots only redraw metrics the store already holds: failing to render them must
+            # not cost the session its trained model.
+            logger.warning("session %s: could not log the training plots", session_id, exc_info=True)
+
     def _log_data(self, session_id: str, prepared: PreparedData) -> None:
         import json
 

@@ -31,16 +31,25 @@ class BlockDataset(Dataset):
 
 class EpochShuffleSampler(Sampler[int]):
     """A permutation that depends only on (seed, epoch), so a resumed run sees the same order as an
-    uninterrupted one. `skip` drops the first indices of the next epoch (the batches already trained)."""
+    uninterrupted one. `resume_at` drops the indices an interrupted run already trained on, in that
+    epoch only: a checkpoint taken at an epoch's end must not empty the next epoch."""
 
     def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.skip = 0
+        self.skip_epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, samples: int) -> None:
+        self.skip_epoch, self.skip = epoch, samples
+
+    def pending_skip(self) -> int:
+        """Samples the next iteration leaves out (Lightning sets the epoch after loading the state)."""
+        return self.skip if self.epoch == self.skip_epoch else 0
 
     def _order(self) -> list[int]:
         if not self.shuffle:
@@ -54,7 +63,7 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self._order()
-        skip, self.skip = self.skip, 0
+        skip, self.skip = self.pending_skip(), 0
         return iter(order[skip:])
 
     def __len__(self) -> int:
@@ -63,7 +72,8 @@ class EpochShuffleSampler(Sampler[int]):
 
 class ResumableLoader(DataLoader):
     """A DataLoader Lightning treats as stateful: its state is (epoch, batches consumed), and loading
-    it makes the next iteration skip what the interrupted run had already trained on."""
+    it makes the next iteration skip what the interrupted run had already trained on. With a known
+    length Lightning fetches no batch ahead, so "consumed" is "trained on" at every checkpoint."""
 
     def __init__(self, dataset: Dataset, batch_size: int, sampler: EpochShuffleSampler):
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, num_workers=0)
@@ -71,7 +81,7 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Any:
         sampler: EpochShuffleSampler = self.sampler  # type: ignore[assignment]
-        self._consumed = sampler.skip // self.batch_size
+        self._consumed = sampler.pending_skip() // self.batch_size
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
@@ -83,7 +93,7 @@ class ResumableLoader(DataLoader):
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler: EpochShuffleSampler = self.sampler  # type: ignore[assignment]
         sampler.set_epoch(state["epoch"])
-        sampler.skip = state["batches"] * self.batch_size
+        sampler.resume_at(state["epoch"], state["batches"] * self.batch_size)
 
 
 class KBDataModule(pl.LightningDataModule):
@@ -95,6 +105,8 @@ class KBDataModule(pl.LightningDataModule):
         self.batch_size = batch_size or preparation.settings.batch_size
         self.seed = seed
         self.data: PreparedData | None = None
+        self._train_loader: ResumableLoader | None = None
+        self._resume_position: dict[str, int] | None = None
 
     def prepare_data(self) -> None:
         self.preparation.prepare_dataset()
@@ -111,7 +123,22 @@ class KBDataModule(pl.LightningDataModule):
         assert self.data is not None, "call setup() first"
         rank, world = self._rank()
         dataset = BlockDataset(self.data.train, self.data.train_labels)
-        return ResumableLoader(dataset, self.batch_size, EpochShuffleSampler(len(dataset), self.seed, True, rank, world))
+        sampler = EpochShuffleSampler(len(dataset), self.seed, True, rank, world)
+        loader = ResumableLoader(dataset, self.batch_size, sampler)
+        if self._resume_position is not None:
+            loader.load_state_dict(self._resume_position)
+            self._resume_position = None
+        self._train_loader = loader
+        return loader
+
+    # The data position also travels as the DataModule's state: Lightning restores a stateful loader
+    # only if it builds the loader after loading the checkpoint, but with `max_epochs` set
+    # `configure_optimizers` (estimated_stepping_batches) builds it before, and the position is lost.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume_position = state.get("train_position")
 
     def val_dataloader(self) -> DataLoader:
         assert self.data is not None, "call setup() first"

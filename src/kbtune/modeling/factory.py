@@ -4,6 +4,7 @@ trained on the training split, or `local` Hugging Face directories loaded from d
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -13,6 +14,9 @@ from typing import Any, Literal
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>")
+DTYPES = ("float32", "bfloat16", "float16")
+# config.json keys that hold a model's context length, by architecture family.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
 class ModelError(ValueError):
@@ -45,6 +49,8 @@ class ModelSpec:
     path: str | None = None
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    # The weights' dtype: bfloat16/float16 halve the memory of a frozen base under LoRA.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     init_seed: int = 0
     lora: LoraSpec | None = None
     # Filled in once the tokenizer exists (scratch: trained and saved; local: the model's own).
@@ -65,7 +71,12 @@ class ModelSpec:
             if self.vocab_size < 64 + len(SPECIAL_TOKENS):
                 p.append(f"model.vocab_size: must be >= {64 + len(SPECIAL_TOKENS)}, got {self.vocab_size}")
         else:
-            p.extend(local_dir_problems(self.path))
+            p.extend(local_dir_problems(self.path, self.trust_remote_code))
+        if self.dtype not in DTYPES:
+            p.append(f"model.dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        elif self.dtype != "float32" and self.lora is None:
+            # The optimizer would update half-precision weights directly and lose small updates.
+            p.append(f"model.dtype: {self.dtype} is for a frozen base under LoRA (add finetune=lora); full fine-tuning needs float32")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if self.lora is not None:
@@ -90,22 +101,52 @@ class ModelSpec:
         return cls(**data, lora=lora)
 
 
-def local_dir_problems(path: str | None) -> list[str]:
-    """Why a local model directory cannot be loaded (safetensors weights and a tokenizer are required)."""
+def local_dir_problems(path: str | None, trust_remote_code: bool = False) -> list[str]:
+    """Why a local model directory cannot be loaded: safetensors weights, a config and a fast tokenizer
+    are required, and code shipped with the model runs only when the user allows it."""
     if not path:
         return ["model.path: required for model=local (a local Hugging Face model directory)"]
     d = Path(path)
     if not d.is_dir():
         return [f"model.path: {path} is not a directory"]
     problems = []
-    if not (d / "config.json").exists():
-        problems.append(f"model.path: {path} has no config.json")
+    config = _read_json(d / "config.json")
+    if config is None:
+        problems.append(f"model.path: {path} has no readable config.json")
     if not any(d.glob("*.safetensors")):
-        hint = " (only pickle .bin weights found; convert them to safetensors)" if any(d.glob("*.bin")) else ""
+        # Pickled weights can run arbitrary code when loaded: never fall back to them.
+        pickled = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = f" (only pickle weights found: {', '.join(sorted(pickled)[:3])}; convert them to safetensors)" if pickled else ""
         problems.append(f"model.path: {path} has no *.safetensors weights{hint}")
-    if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")):
-        problems.append(f"model.path: {path} has no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        problems.append(f"model.path: {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json) beside the weights")
+    if not trust_remote_code:
+        for name in ("config.json", "tokenizer_config.json"):
+            auto_map = (_read_json(d / name) or {}).get("auto_map")
+            if auto_map:
+                problems.append(
+                    f"model.path: {path}/{name} loads code shipped with the model ({sorted(auto_map)[0]}); "
+                    f"set model.trust_remote_code=true only if you trust it"
+                )
     return problems
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def local_context_length(path: str) -> int | None:
+    """The longest sequence a local model was built for (its config.json), or None if it does not say."""
+    config = _read_json(Path(path) / "config.json") or {}
+    for section in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            if isinstance(section.get(key), int):
+                return section[key]
+    return None
 
 
 def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> Any:
@@ -144,7 +185,7 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) 
 def load_local_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    problems = local_dir_problems(path)
+    problems = local_dir_problems(path, trust_remote_code)
     if problems:
         raise ModelError("; ".join(problems))
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, use_fast=True)
@@ -184,20 +225,26 @@ def build_model(spec: ModelSpec) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = getattr(torch, spec.dtype)
     if spec.source == "local":
-        problems = local_dir_problems(spec.path)
+        problems = local_dir_problems(spec.path, spec.trust_remote_code)
         if problems:
             raise ModelError("; ".join(problems))
         model = AutoModelForCausalLM.from_pretrained(
-            spec.path, use_safetensors=True, trust_remote_code=spec.trust_remote_code, dtype=torch.float32
+            spec.path, use_safetensors=True, trust_remote_code=spec.trust_remote_code, dtype=dtype
         )
+        # from_pretrained returns eval mode and Lightning keeps the modes it finds: without this,
+        # dropout (the model's and LoRA's) would stay off during training.
+        model.train()
     else:
         # Seeded separately from the data order so the same spec always starts from the same weights.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.init_seed)
-            model = AutoModelForCausalLM.from_config(scratch_config(spec))
+            model = AutoModelForCausalLM.from_config(scratch_config(spec)).to(dtype)
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it (the old name warns); 4.x only has the old one.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     return model
 

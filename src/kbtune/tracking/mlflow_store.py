@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from kbtune.records import ModelVersion, SessionStatus, TrainingSession
-from kbtune.tracking.store import NotFoundError
+from kbtune.tracking.store import SWEEP_TAG, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,12 @@ LABEL_TAG = "kbtune.label"
 METRICS_TAG = "kbtune.metrics"
 CONFIG_ARTIFACT = "kbtune/config.json"
 ERROR_ARTIFACT = "kbtune/error.txt"
+GIT_COMMIT_TAG = "kbtune.git_commit"
+# Marks the run that groups a sweep's sessions (value: the sweep id); it is not a session itself.
+SWEEP_PARENT_TAG = "kbtune.sweep_parent"
+# MLflow's own tags the UI reads: nesting under a parent run, and the source commit on the run page.
+_PARENT_RUN_TAG = "mlflow.parentRunId"
+_GIT_COMMIT_UI_TAG = "mlflow.source.git.commit"
 
 # How MLflow's own run status mirrors ours, so the MLflow UI tells the same story.
 _RUN_STATUS = {
@@ -111,9 +117,14 @@ class MlflowStore:
     ) -> TrainingSession:
         from mlflow.entities import Param
 
-        run = self.client.create_run(
-            self.experiment_id, run_name=run_name, tags={**(tags or {}), STATUS_TAG: SessionStatus.PENDING.value}
-        )
+        tags = {**(tags or {}), STATUS_TAG: SessionStatus.PENDING.value}
+        if GIT_COMMIT_TAG in tags:
+            tags[_GIT_COMMIT_UI_TAG] = tags[GIT_COMMIT_TAG]
+        parent = self._sweep_run(tags[SWEEP_TAG]) if tags.get(SWEEP_TAG) else None
+        if parent is not None:
+            tags[_PARENT_RUN_TAG] = parent
+            self.client.update_run(parent, status="RUNNING")
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
         self.client.update_run(run_id, status=_RUN_STATUS[SessionStatus.PENDING])
         self.client.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), CONFIG_ARTIFACT)
@@ -122,6 +133,30 @@ class MlflowStore:
             self.client.log_batch(run_id, params=params[start : start + 100])
         logger.info("session %s created (run %r in experiment %r)", run_id, run.info.run_name, self.experiment_name)
         return self.get_session(run_id)
+
+    def _sweep_run(self, sweep: str) -> str | None:
+        """The parent run that nests a sweep's sessions in the MLflow UI, created with the first one.
+        Two jobs starting at once may both create it: the oldest is kept and the other deleted."""
+        if "'" in sweep:  # cannot be quoted in a search filter; the sessions still share the sweep tag
+            return None
+        query = f"tags.`{SWEEP_PARENT_TAG}` = '{sweep}'"
+
+        def oldest() -> Any:
+            found = self.client.search_runs(
+                [self.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1
+            )
+            return found[0] if found else None
+
+        existing = oldest()
+        if existing is not None:
+            return existing.info.run_id
+        name = "sweep " + "/".join(Path(sweep).parts[-2:])
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={SWEEP_TAG: sweep, SWEEP_PARENT_TAG: sweep})
+        winner = oldest()
+        if winner.info.run_id != run.info.run_id:
+            self.client.delete_run(run.info.run_id)
+        logger.info("sweep %s groups its sessions under run %s", sweep, winner.info.run_id)
+        return winner.info.run_id
 
     def _run(self, session_id: str) -> Any:
         from mlflow.exceptions import MlflowException
@@ -134,13 +169,22 @@ class MlflowStore:
             raise NotFoundError(f"training session {session_id!r} not found in experiment {self.experiment_name!r}")
         return run
 
-    def _session(self, run: Any) -> TrainingSession:
+    def _load_text(self, uri: str) -> str:
+        # Not mlflow.artifacts.load_text: it resolves `mlflow-artifacts:` URIs against the global
+        # tracking URI, not this store's server, and so fails over HTTP.
+        import tempfile
+
         import mlflow
 
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=self.tracking_uri)
+            return Path(path).read_text(encoding="utf-8")
+
+    def _session(self, run: Any) -> TrainingSession:
         tags = run.data.tags
         status = SessionStatus(tags[STATUS_TAG]) if STATUS_TAG in tags else _FROM_RUN_STATUS.get(run.info.status, SessionStatus.FAILED)
         try:
-            config = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}"))
+            config = json.loads(self._load_text(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}"))
         except Exception:  # a run not created by kbtune, or its artifact not written yet
             config = {}
         completed = tags.get(COMPLETED_TAG)
@@ -151,7 +195,7 @@ class MlflowStore:
             metrics=dict(run.data.metrics) or None,
             started_at=_dt(run.info.start_time),
             completed_at=datetime.fromisoformat(completed) if completed else None,
-            error=tags.get(ERROR_TAG),
+            error=tags.get(ERROR_TAG) or None,  # "" is how a resumed session's old error is cleared
         )
 
     def get_session(self, session_id: str) -> TrainingSession:
@@ -182,7 +226,7 @@ class MlflowStore:
     ) -> TrainingSession:
         from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
-        self._run(session_id)
+        run = self._run(session_id)
         tags: dict[str, str] = {}
         if error is not None:
             if len(error) > MAX_TAG_VAL_LENGTH:
@@ -199,6 +243,9 @@ class MlflowStore:
             if status.is_terminal:
                 end = int((completed_at or datetime.now(timezone.utc)).timestamp() * 1000)
                 self.client.set_terminated(session_id, status=_RUN_STATUS[status], end_time=end)
+                parent = run.data.tags.get(_PARENT_RUN_TAG)
+                if parent:  # the sweep is idle until its next session starts
+                    self.client.set_terminated(parent, status="FINISHED", end_time=end)
             else:
                 self.client.update_run(session_id, status=_RUN_STATUS[status])
         return self.get_session(session_id)
@@ -211,6 +258,16 @@ class MlflowStore:
         if batch:
             self.client.log_batch(session_id, metrics=batch)
 
+    def metric_history(self, session_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) pairs in step order. A resumed session logs the steps after its last
+        checkpoint again: each step keeps its latest value."""
+        self._run(session_id)
+        latest: dict[int, tuple[int, float]] = {}
+        for m in self.client.get_metric_history(session_id, key):
+            if m.step not in latest or m.timestamp >= latest[m.step][0]:
+                latest[m.step] = (m.timestamp, m.value)
+        return [(step, value) for step, (_, value) in sorted(latest.items())]
+
     def log_artifacts(self, session_id: str, local_dir: Path, artifact_path: str) -> str:
         self.client.log_artifacts(session_id, str(local_dir), artifact_path)
         return self.artifact_uri(session_id, artifact_path)
@@ -219,9 +276,7 @@ class MlflowStore:
         self.client.log_text(session_id, text, artifact_file)
 
     def read_text(self, session_id: str, artifact_file: str) -> str:
-        import mlflow
-
-        return mlflow.artifacts.load_text(self.artifact_uri(session_id, artifact_file))
+        return self._load_text(self.artifact_uri(session_id, artifact_file))
 
     def set_tags(self, session_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

@@ -1,0 +1,79 @@
+"""End to end: `python scripts/train.py model=small trainer.max_epochs=3` on the sample KB, as a user
+runs it (tokenizer training, data preparation, MLflow session, training, validation, checkpoints,
+model registration), in a fresh project root each time: wall time and final val/loss. The sample KB
+is ingested beforehand with cheap vectors (training never reads embeddings), so the one-off embedding
+of the corpus is not counted.
+
+The full run also trains at `trainer.precision=32-true` beside the default (auto: bf16-mixed where
+the CPU supports it) to show what the precision costs in val/loss.
+
+Standalone: `python benchmarks/e2e.py [--quick]`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import harness
+import kbs
+
+
+def train_once(workdir: Path, name: str, overrides: list[str]) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    root = workdir / "e2e" / name
+    shutil.rmtree(root, ignore_errors=True)
+    cmd = [harness.PYTHON, str(harness.REPO / "scripts" / "train.py"), f"paths.root={root}", *overrides]
+    seconds, proc = harness.run_timed(cmd, env=harness.bench_env(), timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/train.py {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("kbtune")
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)
+    steps = max(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    return {"seconds": seconds, "val_loss": history[-1].value, "first_val_loss": history[0].value,
+            "validations": len(history), "last_logged_step": steps}  # fmt: skip
+
+
+def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]:
+    kb = kbs.sample_kb(workdir)
+    base = [f"kb.path={kb['path']}", f"kb.collection={kb['collection']}"]
+    if quick:
+        base += ["model=tiny", "data.block_size=64", "trainer.max_epochs=1"]
+        variants = {"default": lambda: train_once(workdir, "default", base)}
+    else:
+        base += ["model=small", "trainer.max_epochs=3"]
+        variants = {
+            "default": lambda: train_once(workdir, "default", base),
+            "fp32": lambda: train_once(workdir, "fp32", [*base, "trainer.precision=32-true"]),
+        }
+    samples = harness.interleave(variants, rounds or 1, "e2e")
+    s = harness.summarise(samples)
+    comparison = "model=tiny 1 epoch" if quick else "model=small 3 epochs"
+    rows = [harness.row("e2e", comparison, "default", "wall", "s", s["default"]["seconds"])]
+    rows.append(harness.row("e2e", comparison, "default", "final val/loss", "", s["default"]["val_loss"]))
+    if "fp32" in s:
+        rows.insert(1, harness.row("e2e", comparison, "fp32", "wall", "s", s["fp32"]["seconds"], s["default"]["seconds"], "default"))
+        rows.append(harness.row("e2e", comparison, "fp32", "final val/loss", "", s["fp32"]["val_loss"], s["default"]["val_loss"], "default"))
+    details = {"overrides": base}
+    return {"rows": rows, "targets": [], "summaries": s, "samples": samples, "details": details}
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
+    args = parser.parse_args()
+    result = run(Path(args.workdir) / ("quick" if args.quick else "full"), args.quick)
+    print(json.dumps({k: result[k] for k in ("rows", "details")}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

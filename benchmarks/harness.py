@@ -1,0 +1,160 @@
+"""How every benchmark measures and reports: variants run interleaved (A B C A B C ...) so machine
+drift lands on all of them alike, each summarised as median / min / max with its ratio to a baseline,
+targets checked against those ratios, and one printed table for the whole run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; the table and the JSON are the results."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def interleave(variants: dict[str, Callable[[], dict[str, float]]], rounds: int, label: str = "") -> dict[str, list[dict[str, float]]]:
+    """Run each variant once per round, in the same order every round; return each one's samples."""
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, measure in variants.items():
+            t0 = time.perf_counter()
+            sample = measure()
+            samples[name].append(sample)
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in sample.items() if isinstance(v, (int, float)))
+            log(f"  [{label}] round {r + 1}/{rounds} {name}: {shown} ({time.perf_counter() - t0:.1f}s)")
+    return samples
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def summarise(samples: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{variant: {metric: summary}} over every numeric metric the samples share."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, runs in samples.items():
+        keys = [k for k in runs[0] if all(isinstance(r.get(k), (int, float)) for r in runs)]
+        out[name] = {k: summary([float(r[k]) for r in runs]) for k in keys}
+    return out
+
+
+def ratio(summaries: dict[str, dict[str, dict[str, Any]]], variant: str, baseline: str, metric: str) -> float:
+    return summaries[variant][metric]["median"] / summaries[baseline][metric]["median"]
+
+
+def row(section: str, comparison: str, variant: str, metric: str, unit: str, stats: dict[str, Any],
+        baseline: dict[str, Any] | None = None, baseline_name: str = "") -> dict[str, Any]:  # fmt: skip
+    """One table line: a metric's median and spread, and its ratio to the baseline's median."""
+    return {
+        "section": section, "comparison": comparison, "variant": variant, "metric": metric, "unit": unit,
+        "median": stats["median"], "min": stats["min"], "max": stats["max"], "n": len(stats["values"]),
+        "ratio": stats["median"] / baseline["median"] if baseline else None, "baseline": baseline_name or None,
+    }  # fmt: skip
+
+
+def target(name: str, value: float | None, op: str, threshold: float, baseline: str = "") -> dict[str, Any]:
+    """A target from the issue, checked on this run's numbers (None when the run did not measure it)."""
+    met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+    return {"name": name, "value": value, "op": op, "threshold": threshold, "baseline": baseline, "met": met}
+
+
+def run_timed(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 900, cwd: Path = REPO) -> tuple[float, subprocess.CompletedProcess]:
+    """Wall time of a command from launch to exit (a fresh interpreter each time)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    return time.perf_counter() - t0, proc
+
+
+def bench_env(**extra: str) -> dict[str, str]:
+    """The environment kbtune's entry points set for themselves, for the commands the benchmarks launch."""
+    env = dict(os.environ)
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def other_load(sample_s: float = 1.0) -> dict[str, Any]:
+    """What else is using the CPU right now: the load average and the busiest processes not ours.
+    Timings taken beside other work are noisy; the report says so instead of hiding it."""
+    import psutil
+
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
+    procs = [p for p in psutil.process_iter(["pid", "name", "cmdline"]) if p.pid not in ours]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.cpu_percent(None)
+    time.sleep(sample_s)
+    busy = []
+    for p in procs:
+        try:
+            cpu = p.cpu_percent(None)
+        except psutil.Error:
+            continue
+        if cpu >= 5:
+            cmd = " ".join(p.info.get("cmdline") or [p.info.get("name") or "?"])
+            busy.append({"pid": p.pid, "cpu_percent": round(cpu, 1), "cmd": cmd[:120]})
+    busy.sort(key=lambda b: -b["cpu_percent"])
+    total = sum(b["cpu_percent"] for b in busy)
+    return {"loadavg": list(os.getloadavg()), "other_cpu_percent": round(total, 1), "busy": busy[:8],
+            "quiet": total < 20}  # fmt: skip
+
+
+def machine() -> dict[str, Any]:
+    info = ""
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    cpu, flags = (names[0] if names else platform.processor()), info
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+    }  # fmt: skip
+
+
+# -- the table ------------------------------------------------------------------------------------
+def _num(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit == "%":
+        return f"{value:.1f}%"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def render(report: dict[str, Any]) -> str:
+    rows = [r for section in report["sections"].values() for r in section.get("rows", [])]
+    header = ["section", "comparison", "variant", "metric", "median", "min..max", "n", "ratio"]
+    lines = [[r["section"], r["comparison"], r["variant"], f"{r['metric']} ({r['unit']})" if r["unit"] else r["metric"],
+              _num(r["median"], r["unit"]), f"{_num(r['min'], r['unit'])}..{_num(r['max'], r['unit'])}", str(r["n"]),
+              f"{r['ratio']:.2f}x {r['baseline']}" if r["ratio"] is not None else ""] for r in rows]  # fmt: skip
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    targets = [t for section in report["sections"].values() for t in section.get("targets", [])]
+    if targets:
+        out += ["", "targets:"]
+        for t in targets:
+            mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
+            value = "-" if t["value"] is None else f"{t['value']:.3g}"
+            base = f" (vs {t['baseline']})" if t["baseline"] else ""
+            out.append(f"  [{mark:>12}] {t['name']}: {value} {t['op']} {t['threshold']:g}{base}")
+    load = report["meta"].get("load_before", {})
+    out += ["", f"load before: {load.get('loadavg')} other processes {load.get('other_cpu_percent')}% CPU"
+                f" ({'quiet' if load.get('quiet') else 'NOT quiet: timings are noisy'})"]  # fmt: skip
+    return "\n".join(out)

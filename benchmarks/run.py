@@ -1,0 +1,94 @@
+"""kbtune's performance benchmarks in one command: prints a table and writes JSON.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--only training,data,startup,e2e] [--out PATH]
+
+Sections: training (kbtune vs a plain PyTorch loop vs transformers.Trainer; MFU), data (preparation
+vs the raw limit, cached rerun, peak RSS), startup (`kbtune --help`, first optimizer step vs bare
+imports), e2e (3 epochs of model=small on the sample KB). Within a section the variants run
+interleaved and each figure is a median with min..max and its ratio to the baseline. `--quick` runs
+everything at toy size (a check that the benchmarks work, not a measurement).
+
+Knowledge bases, tokenizers and scratch files live under --workdir (built once, reused)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import harness
+
+SECTIONS = {"training": "training", "data": "data_prep", "startup": "startup", "e2e": "e2e"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="toy sizes: checks the benchmarks run (~1 min)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({', '.join(SECTIONS)})")
+    parser.add_argument("--out", default=str(harness.REPO / "benchmarks" / "results" / "latest.json"))
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison (default: 3, quick: 1-2)")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.only.split(",") if s not in SECTIONS]
+    if unknown:
+        parser.error(f"--only: unknown sections {unknown} (known: {', '.join(SECTIONS)})")
+    return args
+
+
+def write(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    tmp.replace(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # What kbtune's own entry points set; the benchmarks measure kbtune as its users run it.
+    for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                       "TOKENIZERS_PARALLELISM": "false"}.items():  # fmt: skip
+        os.environ.setdefault(key, value)
+    workdir = Path(args.workdir) / ("quick" if args.quick else "full")
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    started = time.perf_counter()
+    report: dict = {
+        "meta": {
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "quick": args.quick, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": harness.machine(), "workdir": str(workdir), "load_before": harness.other_load(),
+        },
+        "sections": {},
+    }  # fmt: skip
+    failed = []
+    for name in args.only.split(","):
+        harness.log(f"== {name}")
+        t0 = time.perf_counter()
+        try:
+            result = importlib.import_module(SECTIONS[name]).run(workdir, args.quick, args.rounds)
+        except Exception:
+            failed.append(name)
+            result = {"error": traceback.format_exc(), "rows": [], "targets": []}
+            harness.log(result["error"])
+        result["seconds"] = time.perf_counter() - t0
+        report["sections"][name] = result
+        write(report, out)
+    report["meta"]["load_after"] = harness.other_load()
+    report["meta"]["seconds"] = time.perf_counter() - started
+    write(report, out)
+    print(harness.render(report))
+    print(f"\n{report['meta']['seconds']:.0f}s in all; JSON: {out}")
+    if failed:
+        print(f"FAILED sections: {', '.join(failed)} (tracebacks in the JSON)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

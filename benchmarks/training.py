@@ -1,0 +1,291 @@
+"""Training throughput: kbtune's real training path against a plain PyTorch loop and transformers.Trainer
+on the same model, data, batch and block, and kbtune's default configuration against the HF Trainer's
+defaults; tokens/s, model-FLOP utilisation against this machine's measured matmul peak, and val/loss
+after the same number of tokens.
+
+Variants (one fresh model from the same initial weights each, S = W + N optimizer steps, timed over
+the last N: warmup steps are skipped):
+  kbtune       TrainingService.train_model on a plan from pipeline.compose/load (KBDataModule,
+               CausalLMModule, TrainingLoop's Trainer with its default callbacks, progress bar, MLflow
+               logging), its default precision (trainer.precision=auto) and optimizer settings;
+  plain        forward with labels, backward, clip, AdamW (foreach) step, LR schedule: nothing else;
+  hf_trainer   transformers.Trainer, report_to none, kbtune's precision and optimizer settings;
+  hf_defaults  transformers.Trainer with its own defaults (fp32, lr 5e-5, ...), report_to none.
+
+Standalone: `python benchmarks/training.py [--quick]`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import harness
+import kbs
+
+FLOPS_FORMULA = (
+    "model FLOPs per token = 6*N + 12*n_layer*n_embd*block (N = parameters, the tied embedding counted once "
+    "as the LM head's matmul; the second term is attention's QK^T and AV, forward + backward, as in PaLM's "
+    "MFU); MFU = tokens/s * FLOPs per token / measured peak matmul FLOP/s of the precision the run uses"
+)
+
+
+def matmul_peak_gflops(dtype_name: str, seconds: float = 0.3) -> float:
+    """The best square-matmul rate this machine reaches in a dtype (GFLOP/s), over a few sizes."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        for _ in range(2):
+            a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+class Context:
+    """Everything the variants share: the plan kbtune trains with, its prepared blocks, the model spec."""
+
+    def __init__(self, workdir: Path, quick: bool, warmup: int, measured: int):
+        from kbtune import pipeline
+
+        kb = kbs.sample_kb(workdir)
+        self.root = workdir / "training"
+        self.steps, self.warmup = warmup + measured, warmup
+        self.rounds = 0
+        overrides = [
+            f"paths.root={self.root}", f"kb.path={kb['path']}", f"kb.collection={kb['collection']}",
+            f"model={'tiny' if quick else 'small'}", f"data.block_size={64 if quick else 256}",
+            f"trainer.max_steps={self.steps}", "register=false",
+            # Every variant runs on the CPU, the machine the targets are for (a GPU would take kbtune's "auto").
+            "trainer.accelerator=cpu",
+        ]  # fmt: skip
+        self.plan, runtime = pipeline.load(pipeline.compose(overrides))
+        self.service = pipeline.build_service(runtime)
+        self.preparation = self.service.prepare_training_data(self.plan)
+        self.prepared = self.preparation.prepare_dataset()
+        self.spec = self.preparation.tokenizer_factory.resolved_spec()
+        self.batch, self.block = self.plan.data.batch_size, self.plan.data.block_size
+        from kbtune.training_loop import resolve_precision
+
+        self.precision = resolve_precision(self.plan.trainer)
+        steps_per_epoch = math.ceil(len(self.prepared.train) / self.batch)
+        if self.steps > steps_per_epoch:
+            raise RuntimeError(f"{self.steps} steps exceed one epoch ({steps_per_epoch}): validation would fall in the window")
+        self.val = self.prepared.val[: 16 if quick else 64]
+
+    def tokens_per_s(self, stamps: list[float]) -> float:
+        """Steps warmup..S-1: stamp i is taken when step i ends, so the window holds S - W whole steps."""
+        if len(stamps) < self.steps:
+            raise RuntimeError(f"only {len(stamps)} of {self.steps} steps were timed")
+        return (self.steps - self.warmup) * self.batch * self.block / (stamps[self.steps - 1] - stamps[self.warmup - 1])
+
+    def new_model(self) -> Any:
+        from kbtune.modeling.factory import build_model
+
+        return build_model(self.spec)
+
+    def val_loss(self, model: Any) -> float:
+        """Mean next-token loss on the same validation blocks for every variant, in fp32."""
+        import torch
+
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(self.val), self.batch):
+                ids = torch.from_numpy(self.val[start : start + self.batch].astype("int64"))
+                loss = model(input_ids=ids, labels=ids).loss.float().item()
+                total, count = total + loss * len(ids), count + len(ids)
+        model.train()
+        return total / count
+
+
+def run_kbtune(ctx: Context) -> dict[str, float]:
+    import pytorch_lightning as pl
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.module: Any = None
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.stamps.append(time.perf_counter())
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.module = pl_module
+
+    timer = StepTimer()
+    callbacks: list[Any] = [timer]
+    if importlib.util.find_spec("kbtune.progress"):
+        # The progress reporting a worker adds (progress.json, the graceful stop, RNG state in checkpoints).
+        from kbtune.progress import ProgressCallback, ResumeState
+        from kbtune.worker import SessionFiles
+
+        ctx.rounds += 1
+        callbacks += [ProgressCallback(SessionFiles(ctx.root / "progress" / str(ctx.rounds))), ResumeState()]
+    ctx.service.train_model(ctx.plan, extra_callbacks=callbacks, preparation=ctx.preparation)
+    return {"tokens_per_s": ctx.tokens_per_s(timer.stamps), "val_loss": ctx.val_loss(timer.module.model)}
+
+
+def optimizer_like_kbtune(ctx: Context, model: Any) -> tuple[Any, Any]:
+    import torch
+
+    from kbtune.modeling.module import lr_lambda
+
+    o = ctx.plan.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True,
+    )  # fmt: skip
+    warmup = min(o.warmup_steps, ctx.steps - 1)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup, ctx.steps, o.min_lr_ratio))
+
+
+def run_plain(ctx: Context) -> dict[str, float]:
+    import torch
+
+    torch.manual_seed(ctx.plan.seed)
+    model = ctx.new_model()
+    model.train()
+    opt, sched = optimizer_like_kbtune(ctx, model)
+    data = torch.from_numpy(ctx.prepared.train.astype("int64"))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(ctx.plan.seed))
+    bf16 = ctx.precision.startswith("bf16")
+    clip = ctx.plan.trainer.gradient_clip_val
+    stamps = []
+    for step in range(ctx.steps):
+        ids = data[order[step * ctx.batch : (step + 1) * ctx.batch]]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    return {"tokens_per_s": ctx.tokens_per_s(stamps), "val_loss": ctx.val_loss(model)}
+
+
+def run_hf(ctx: Context, defaults: bool) -> dict[str, float]:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from kbtune.data.datamodule import BlockDataset
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.stamps.append(time.perf_counter())
+
+    o = ctx.plan.optim
+    with tempfile.TemporaryDirectory(dir=ctx.root) as out:
+        common = {"output_dir": out, "max_steps": ctx.steps, "per_device_train_batch_size": ctx.batch,
+                  "report_to": "none", "seed": ctx.plan.seed, "save_strategy": "no", "use_cpu": True}  # fmt: skip
+        if defaults:
+            args = TrainingArguments(**common)
+        else:
+            args = TrainingArguments(
+                **common, learning_rate=o.learning_rate, weight_decay=o.weight_decay, adam_beta1=o.beta1,
+                adam_beta2=o.beta2, adam_epsilon=o.eps, max_grad_norm=ctx.plan.trainer.gradient_clip_val,
+                warmup_steps=min(o.warmup_steps, ctx.steps - 1), lr_scheduler_type="cosine_with_min_lr",
+                lr_scheduler_kwargs={"min_lr_rate": o.min_lr_ratio}, bf16=ctx.precision.startswith("bf16"),
+            )  # fmt: skip
+        timer = StepTimer()
+        model = ctx.new_model()
+        Trainer(model=model, args=args, train_dataset=BlockDataset(ctx.prepared.train), callbacks=[timer]).train()
+    return {"tokens_per_s": ctx.tokens_per_s(timer.stamps), "val_loss": ctx.val_loss(model)}
+
+
+def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]:
+    import torch
+
+    rounds = rounds or (1 if quick else 3)
+    warmup, measured = (3, 6) if quick else (5, 25)
+    peak_s = 0.05 if quick else 0.3
+    ctx = Context(workdir, quick, warmup, measured)
+    peaks = harness.interleave({"fp32": lambda: {"gflops": matmul_peak_gflops("float32", peak_s)},
+                                "bf16": lambda: {"gflops": matmul_peak_gflops("bfloat16", peak_s)}}, rounds, "peak")  # fmt: skip
+    peak = {name: max(s["gflops"] for s in runs) for name, runs in peaks.items()}
+    samples = harness.interleave(
+        {
+            "kbtune": lambda: run_kbtune(ctx),
+            "plain": lambda: run_plain(ctx),
+            "hf_trainer": lambda: run_hf(ctx, defaults=False),
+            "hf_defaults": lambda: run_hf(ctx, defaults=True),
+        },
+        rounds, "training",
+    )  # fmt: skip
+    model = ctx.new_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * n_params + 12 * model.config.num_hidden_layers * model.config.hidden_size * ctx.block
+    precision = {"kbtune": ctx.precision, "plain": ctx.precision, "hf_trainer": ctx.precision, "hf_defaults": "32-true"}
+    for name, runs in samples.items():
+        dtype = "bf16" if precision[name].startswith("bf16") else "fp32"
+        for sample in runs:
+            sample["mfu_percent"] = 100 * sample["tokens_per_s"] * flops_per_token / (peak[dtype] * 1e9)
+    s = harness.summarise(samples)
+    same = f"identical settings ({ctx.precision})"
+    rows = [harness.row("training", same, "plain", "throughput", "tok/s", s["plain"]["tokens_per_s"])]
+    for name in ("kbtune", "hf_trainer"):
+        rows.append(harness.row("training", same, name, "throughput", "tok/s", s[name]["tokens_per_s"], s["plain"]["tokens_per_s"], "plain"))
+    rows.append(harness.row("training", "defaults", "hf_defaults", "throughput", "tok/s", s["hf_defaults"]["tokens_per_s"]))
+    rows.append(harness.row("training", "defaults", "kbtune", "throughput", "tok/s", s["kbtune"]["tokens_per_s"],
+                            s["hf_defaults"]["tokens_per_s"], "hf_defaults"))  # fmt: skip
+    for name in samples:
+        rows.append(harness.row("training", f"MFU ({precision[name]})", name, "MFU", "%", s[name]["mfu_percent"]))
+    tokens = ctx.steps * ctx.batch * ctx.block
+    for name in samples:
+        base = s["hf_defaults"]["val_loss"] if name == "kbtune" else None
+        rows.append(harness.row("training", f"val/loss after {tokens:,} tokens", name, "val/loss", "", s[name]["val_loss"],
+                                base, "hf_defaults" if base else ""))  # fmt: skip
+    for dtype, value in peak.items():
+        rows.append(harness.row("training", "peak matmul", dtype, "peak", "GFLOP/s", harness.summary([value])))
+    targets = [
+        harness.target("training tok/s, kbtune / plain loop (identical settings)", harness.ratio(s, "kbtune", "plain", "tokens_per_s"), ">=", 0.95, "plain loop"),
+        harness.target("training tok/s, kbtune / HF Trainer (identical settings)", harness.ratio(s, "kbtune", "hf_trainer", "tokens_per_s"), ">=", 1.0, "HF Trainer"),
+        harness.target("training tok/s, kbtune defaults / HF Trainer defaults", harness.ratio(s, "kbtune", "hf_defaults", "tokens_per_s"), ">=", 1.3, "HF Trainer defaults"),
+        harness.target("val/loss after the same tokens, kbtune defaults / HF Trainer defaults", harness.ratio(s, "kbtune", "hf_defaults", "val_loss"), "<=", 1.02, "HF Trainer defaults"),
+        harness.target(f"MFU of the default run ({ctx.precision}), % of measured peak", s["kbtune"]["mfu_percent"]["median"], ">=", 40.0),
+    ]  # fmt: skip
+    details = {
+        "model": ctx.spec.name, "architecture": ctx.spec.architecture, "parameters": n_params,
+        "flops_per_token": flops_per_token, "flops_formula": FLOPS_FORMULA, "batch": ctx.batch, "block": ctx.block,
+        "steps": ctx.steps, "warmup_steps_skipped": ctx.warmup, "precision": precision, "peak_gflops": peak,
+        "torch_threads": torch.get_num_threads(), "train_blocks": int(len(ctx.prepared.train)),
+        "val_blocks": int(len(ctx.val)), "progress_callback": progress_callback_state(),
+    }  # fmt: skip
+    return {"rows": rows, "targets": targets, "summaries": s, "samples": samples, "details": details}
+
+
+def progress_callback_state() -> str:
+    if importlib.util.find_spec("kbtune.progress"):
+        return "on: kbtune.progress.ProgressCallback + ResumeState, as a worker runs them"
+    return "no kbtune.progress module"
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
+    args = parser.parse_args()
+    result = run(Path(args.workdir) / ("quick" if args.quick else "full"), args.quick)
+    print(json.dumps({k: result[k] for k in ("rows", "targets", "details")}, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The training REST API and web page (`kbtune serve`): the seed's `POST /start`, `GET /status` and
+`POST /stop` under `/training`, the session and version listings, and the page at `/`. Thin over
+WorkerControl (which runs each training in its own worker process) and the session store."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kbtune.records import SessionStatus
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost"]
+# MLflow run ids are hex; anything else cannot name a session (and never reaches a path).
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Each start setting and the config key it overrides. A ConfigError naming the key is reported on
+# the field, with the same text the CLI prints.
+FIELD_KEYS = {
+    "model": "model",
+    "max_epochs": "trainer.max_epochs",
+    "max_steps": "trainer.max_steps",
+    "learning_rate": "model.learning_rate",
+    "warmup_steps": "model.warmup_steps",
+    "batch_size": "data.batch_size",
+    "block_size": "data.block_size",
+    "collection": "kb.collection",
+    "val_check_interval": "trainer.val_check_interval",
+    "precision": "trainer.precision",
+    "seed": "seed",
+    "version": "version",
+    "register": "register",
+}
+KEY_FIELDS = {key: name for name, key in FIELD_KEYS.items()}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class StartRequest(BaseModel):
+    """A new training's settings (any left out keep the server's config), or `resume` alone."""
+
+    # Strict: `"3"` is not an epoch count and `true` is not a batch size.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    resume: str | None = None
+    model: Literal["tiny", "small", "local"] | None = None
+    max_epochs: int | None = None
+    max_steps: int | None = None
+    learning_rate: float | None = None
+    warmup_steps: int | None = None
+    batch_size: int | None = None
+    block_size: int | None = None
+    collection: str | None = None
+    val_check_interval: int | float | None = None
+    precision: str | None = None
+    seed: int | None = None
+    version: str | None = None
+    # `register` itself would shadow BaseModel.register.
+    register_version: bool | None = Field(None, alias="register")
+
+    @field_validator("resume", "collection", "version", "precision")
+    @classmethod
+    def _plain_text(cls, value: str | None) -> str | None:
+        # These become quoted Hydra overrides: no quotes or escapes to break out of them, and no
+        # `${...}`, which OmegaConf would resolve (e.g. reading the server's environment).
+        if value is not None and (re.search(r"['\"\\]|\$\{", value) or any(ord(c) < 32 for c in value)):
+            raise ValueError("must not contain quotes, backslashes, '${' or control characters")
+        return value
+
+    @model_validator(mode="after")
+    def _resume_alone(self) -> StartRequest:
+        if self.resume is not None:
+            others = [name for name in self.settings() if name != "resume"]
+            if others:
+                raise ValueError(
+                    f"resume continues a session with its own config; leave out {', '.join(others)}"
+                )
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The settings given, by their JSON names."""
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+    def overrides(self, local_model: str | None) -> list[str]:
+        out: list[str] = []
+        given = self.settings()
+        for name, key in FIELD_KEYS.items():
+            value = given.get(name)
+            if value is None:
+                continue
+            if name == "model":
+                out.append(f"model={value}")
+                if value == "local":
+                    if local_model is None:
+                        raise ConfigErrorOnField(
+                            "model",
+                            "model: `local` needs the server started with --local-model DIR (the API takes no paths)",
+                        )
+                    out.append(f"model.path='{local_model}'")
+            elif isinstance(value, bool):
+                out.append(f"{key}={str(value).lower()}")
+            elif isinstance(value, str):
+                out.append(f"{key}='{value}'")
+            else:
+                out.append(f"{key}={value!r}")
+        return out
+
+
+class ConfigErrorOnField(ValueError):
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+def _field_of(problem: str) -> str | None:
+    key = problem.split(":", 1)[0].strip()
+    # The optimiser's settings live in the `model` node but report under `optim.`.
+    key = "model." + key.removeprefix("optim.") if key.startswith("optim.") else key
+    return KEY_FIELDS.get(key) or ("model" if key.startswith("model.") else None)
+
+
+def unprocessable(problems: list[tuple[str | None, str]]) -> JSONResponse:
+    """422 in FastAPI's own shape, so the page shows config problems like pydantic's."""
+    detail = [
+        {"loc": ["body", field] if field else ["body"], "msg": msg, "type": "value_error.config"}
+        for field, msg in problems
+    ]
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def create_app(
+    overrides: list[str] | None = None,
+    token: str | None = None,
+    max_running: int = 1,
+    local_model: str | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> FastAPI:
+    """The app over the store and sessions folder that `overrides` (the server's Hydra overrides)
+    select. `token`: require `Authorization: Bearer <token>` on every API route. `allowed_hosts`:
+    answer only requests for these Host names (a loopback server's guard against DNS rebinding)."""
+    from kbtune import pipeline
+    from kbtune.knowledge_base import KnowledgeBaseError
+    from kbtune.tracking.store import NotFoundError
+    from kbtune.worker import NotResumable, TrainingBusy, WorkerControl
+
+    overrides = list(overrides or [])
+    problems: list[str] = []
+    runtime = pipeline.runtime_from(pipeline.to_container(pipeline.compose(overrides)), problems)
+    if problems:
+        raise pipeline.ConfigError(problems)
+    store = pipeline.build_store(runtime.tracking)
+    control = WorkerControl(store, runtime.sessions_dir, overrides, max_running)
+    local_model = str(Path(local_model).expanduser().resolve()) if local_model else None
+
+    def require_token(request: Request) -> None:
+        if token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong API token (send Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+    app = FastAPI(
+        title="kbtune", description="Start, watch and stop trainings; list sessions and model versions."
+    )
+    app.state.control = control
+    guarded = [Depends(require_token)]
+    if allowed_hosts:
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
+
+    @app.exception_handler(NotFoundError)
+    def not_found(request: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+
+    @app.exception_handler(TrainingBusy)
+    def busy(request: Request, exc: TrainingBusy) -> JSONResponse:
+        return JSONResponse(
+            status_code=409, content={"detail": str(exc), "running_session_id": exc.session_id}
+        )
+
+    @app.exception_handler(NotResumable)
+    def not_resumable(request: Request, exc: NotResumable) -> JSONResponse:
+        return JSONResponse(status_code=409, content={"detail": str(exc)})
+
+    def session_id_ok(session_id: str | None) -> str | None:
+        if session_id is not None and not _SESSION_ID.match(session_id):
+            raise NotFoundError(f"training session {session_id!r} not found")
+        return session_id
+
+    @app.post("/training/start", status_code=201, dependencies=guarded)
+    def start(request: StartRequest) -> Any:
+        """Start a training in a worker process (or resume a stopped/failed session); returns the
+        session with its progress. 409 while another training runs, 422 for invalid settings."""
+        if request.resume is not None:
+            session = control.resume(session_id_ok(request.resume) or "")
+            return control.describe(session)
+        try:
+            session = control.start(request.overrides(local_model), origin="api")
+        except ConfigErrorOnField as exc:
+            return unprocessable([(exc.field, str(exc))])
+        except pipeline.ConfigError as exc:
+            return unprocessable([(_field_of(p), p) for p in exc.problems])
+        except KnowledgeBaseError as exc:
+            return unprocessable([(_field_of(str(exc)), str(exc))])
+        return control.describe(session)
+
+    @app.get("/training/status", dependencies=guarded)
+    def status(session_id: str | None = None) -> Any:
+        """The running session, else the most recent one (or `session_id`), with live progress."""
+        return control.status(session_id_ok(session_id))
+
+    @app.post("/training/stop", dependencies=guarded)
+    def stop(session_id: str | None = None) -> Any:
+        """Ask the running session (or `session_id`) to stop after its current optimizer step, with a
+        resumable checkpoint. Returns at once; the session reads `stopped` a moment later. A session
+        that already ended is returned unchanged."""
+        return control.describe(control.stop(session_id_ok(session_id)))
+
+    @app.get("/training/sessions", dependencies=guarded)
+    def sessions(
+        status: Literal["pending", "running", "completed", "failed", "stopped"] | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> Any:
+        found = store.list_sessions(SessionStatus(status) if status else None, limit=limit)
+        return [control.reconcile(s).to_dict() for s in found]
+
+    @app.get("/models/versions", dependencies=guarded)
+    def versions() -> Any:
+        return [v.to_dict() for v in store.list_versions()]
+
+    @app.get("/health")
+    def health() -> Any:
+        return {"status": "ok", "auth": token is not None}
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    return app

@@ -1,0 +1,146 @@
+"""The training page in a real headless Chromium (Debian's `chromium`, driven by Playwright): start a
+tiny training from the form, see the bar reach 100% and the loss chart drawn, stop another with the
+Stop button, and toggle the theme (remembered across a reload). Screenshot: test-artifacts/web.png."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+SCREENSHOT = REPO / "test-artifacts" / "web.png"
+
+# Pixels of the canvas drawn in a CSS colour variable (the curves), counted in the page.
+COUNT_PIXELS = """([canvasId, variable]) => {
+  const canvas = document.getElementById(canvasId);
+  const probe = document.createElement("canvas").getContext("2d");
+  probe.fillStyle = getComputedStyle(document.documentElement).getPropertyValue(variable).trim();
+  probe.fillRect(0, 0, 1, 1);
+  const [r, g, b] = probe.getImageData(0, 0, 1, 1).data;
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < data.length; i += 4) {
+    if (data[i + 3] > 200 && Math.abs(data[i] - r) + Math.abs(data[i + 1] - g) + Math.abs(data[i + 2] - b) < 30) n++;
+  }
+  return n;
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    problem = None
+    if not CHROMIUM.exists():
+        problem = f"{CHROMIUM} is missing (apt-get install chromium)"
+    else:
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            problem = "playwright is not installed (pip install -e '.[dev]')"
+    if problem:
+        if os.environ.get("KBTUNE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"KBTUNE_REQUIRE_BROWSER=1 but {problem}")
+        pytest.skip(problem)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _fill_form(page, values: dict[str, str]) -> None:
+    for name, value in values.items():
+        if name == "model":
+            page.select_option("select[name=model]", value)
+        else:
+            page.fill(f"input[name={name}]", value)
+
+
+def test_start_watch_stop_and_theme_from_the_page(server, browser):
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    outside = []
+    page.on(
+        "request", lambda request: None if request.url.startswith(server.url) else outside.append(request.url)
+    )
+    page.goto(server.url + "/")
+    page.wait_for_selector("#status-badge")
+
+    # The API's validation messages appear beside the field.
+    _fill_form(page, {"model": "tiny", "max_steps": "0", "batch_size": "eight"})
+    page.click("#start-button")
+    page.wait_for_function(
+        "document.querySelector('.field-error[data-for=max_steps]').textContent.length > 0"
+    )
+    assert "trainer.max_steps: must be >= 1" in page.text_content(".field-error[data-for=max_steps]")
+    assert "valid integer" in page.text_content(".field-error[data-for=batch_size]")
+
+    # A tiny training from the form, watched to the end.
+    _fill_form(page, {"max_steps": "40", "batch_size": "8", "block_size": "64", "val_check_interval": "10"})
+    page.click("#start-button")
+    page.wait_for_function(
+        "['pending', 'running'].includes(document.getElementById('status-badge').dataset.status)",
+        timeout=30_000,
+    )
+    page.wait_for_function(
+        "document.getElementById('progress').getAttribute('aria-valuenow') === '100'", timeout=600_000
+    )
+    page.wait_for_function(
+        "document.getElementById('status-badge').dataset.status === 'completed'", timeout=120_000
+    )
+    assert page.text_content("#progress-label") == "100%"
+    assert int(page.get_attribute("#loss-chart", "data-train-points")) == 40
+    assert int(page.get_attribute("#loss-chart", "data-val-points")) >= 3
+    assert page.evaluate(COUNT_PIXELS, ["loss-chart", "--train"]) > 100
+    assert page.evaluate(COUNT_PIXELS, ["loss-chart", "--val"]) > 20
+    completed_id = page.text_content("#session-line").split()[1]
+    page.wait_for_function(
+        f"document.getElementById('versions-table').textContent.includes('{completed_id[:8]}')",
+        timeout=30_000,
+    )
+
+    # Another, stopped with the button.
+    _fill_form(page, {"max_steps": "", "max_epochs": "50"})
+    page.click("#start-button")
+    page.wait_for_function(
+        "document.getElementById('status-badge').dataset.status === 'running' && "
+        "Number(document.getElementById('progress').getAttribute('aria-valuenow')) > 0",
+        timeout=300_000,
+    )
+    assert page.text_content("#session-line").split()[1] != completed_id
+    clicked = time.monotonic()
+    page.click("#stop-button")
+    page.wait_for_function(
+        "document.getElementById('status-badge').dataset.status === 'stopped'", timeout=120_000
+    )
+    print(f"\nStop button -> page shows stopped: {time.monotonic() - clicked:.2f} s")
+    assert page.is_visible("#resume-button")
+    assert page.is_disabled("#stop-button")
+
+    # The theme toggles and is remembered.
+    assert page.evaluate("document.documentElement.dataset.theme") == "light"
+    page.click("#theme-toggle")
+    assert page.evaluate("document.documentElement.dataset.theme") == "dark"
+    page.reload()
+    page.wait_for_selector("#status-badge")
+    assert page.evaluate("document.documentElement.dataset.theme") == "dark"
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(15, 19, 24)"
+
+    # The completed session, picked from the list, for the screenshot.
+    page.click(f"#sessions-table tr[data-id='{completed_id}']")
+    page.wait_for_function(
+        "document.getElementById('status-badge').dataset.status === 'completed'", timeout=30_000
+    )
+    page.wait_for_function("Number(document.getElementById('loss-chart').dataset.trainPoints) === 40")
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+    assert outside == []  # nothing was fetched from anywhere but the server

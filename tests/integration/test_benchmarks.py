@@ -1,0 +1,66 @@
+"""The benchmark command at toy size: it runs every section and writes the JSON the README's table
+comes from. Benchmarks are not tests: no speed is asserted here, only that the figures exist."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SECTIONS = {"training", "data", "startup", "e2e"}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "latest.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--out", str(out), "--workdir", str(tmp / "work")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+def test_every_section_is_measured(quick_report):
+    report, _ = quick_report
+    assert set(report["sections"]) == SECTIONS
+    for name, section in report["sections"].items():
+        assert "error" not in section, section.get("error")
+        assert section["rows"], name
+        for row in section["rows"]:
+            assert row["median"] > 0 and row["min"] <= row["median"] <= row["max"], row
+    assert report["meta"]["quick"] is True and "loadavg" in report["meta"]["load_before"]
+
+
+@pytest.mark.slow
+def test_training_compares_all_variants_on_the_same_steps(quick_report):
+    report, _ = quick_report
+    training = report["sections"]["training"]
+    throughput = {r["variant"]: r for r in training["rows"] if r["metric"] == "throughput"}
+    assert {"kbtune", "plain", "hf_trainer", "hf_defaults"} <= set(throughput)
+    # Every variant ran the same number of interleaved rounds, and ratios are medians over the baseline's.
+    rounds = {name: len(samples) for name, samples in training["samples"].items()}
+    assert len(set(rounds.values())) == 1, rounds
+    plain = training["summaries"]["plain"]["tokens_per_s"]["median"]
+    assert throughput["kbtune"]["ratio"] == pytest.approx(throughput["kbtune"]["median"] / plain)
+    details = training["details"]
+    assert details["peak_gflops"]["fp32"] > 0 and details["flops_per_token"] > 6 * details["parameters"]
+    assert all(r["median"] > 0 for r in training["rows"] if r["metric"] == "val/loss")
+
+
+@pytest.mark.slow
+def test_data_startup_and_e2e_report_their_targets(quick_report):
+    report, stdout = quick_report
+    names = " ".join(t["name"] for s in report["sections"].values() for t in s["targets"])
+    for expected in ("raw limit", "cached rerun", "peak RSS", "kbtune --help", "first optimizer step", "MFU"):
+        assert expected in names, expected
+    data = report["sections"]["data"]["details"]
+    assert data["tokens"] > 0 and data["kbtune_tokens"] > 0
+    e2e = report["sections"]["e2e"]["summaries"]["default"]
+    assert e2e["val_loss"]["median"] > 0 and e2e["seconds"]["median"] > 0
+    # The printed table carries every section and the targets.
+    assert "targets:" in stdout and all(f"\n{name} " in stdout for name in SECTIONS)
