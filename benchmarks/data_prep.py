@@ -53,9 +53,9 @@ def raw_limit(kb: dict[str, str], tokenizer: Any) -> dict[str, float]:
     import numpy as np
     from chromadb.config import Settings
 
-    collection = chromadb.PersistentClient(path=kb["path"], settings=Settings(anonymized_telemetry=False)).get_collection(
-        kb["collection"], embedding_function=None
-    )
+    collection = chromadb.PersistentClient(
+        path=kb["path"], settings=Settings(anonymized_telemetry=False)
+    ).get_collection(kb["collection"], embedding_function=None)
     backend, eos = tokenizer.backend_tokenizer, np.array([tokenizer.eos_token_id], dtype=np.int32)
     t0 = time.perf_counter()
     pieces, documents, offset = [], 0, 0
@@ -80,7 +80,9 @@ def kbtune_prepare(kb: dict[str, str], tokenizer: Any, cache_dir: Path) -> tuple
     from kbtune.knowledge_base import KBSettings, KnowledgeBase
 
     knowledge_base = KnowledgeBase.connect(KBSettings(path=kb["path"], collection=kb["collection"]))
-    preparation = DataPreparation(knowledge_base, DataSettings(block_size=BLOCK, cache_dir=str(cache_dir)), lambda texts: tokenizer)
+    preparation = DataPreparation(
+        knowledge_base, DataSettings(block_size=BLOCK, cache_dir=str(cache_dir)), lambda texts: tokenizer
+    )
     t0 = time.perf_counter()
     prepared = preparation.prepare_dataset()
     seconds = time.perf_counter() - t0
@@ -130,7 +132,9 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
     main_size, rss_sizes = (2000, (500, 2000)) if quick else (50_000, (10_000, 100_000))
     rounds = rounds or (1 if quick else 3)
     collections = kbs.synthetic_kbs(workdir, sorted({main_size, *rss_sizes}))
-    tokenizer_dir = kbs.ready_tokenizer(workdir, vocab_size=2048 if quick else 8192, documents=300 if quick else 2000)
+    tokenizer_dir = kbs.ready_tokenizer(
+        workdir, vocab_size=2048 if quick else 8192, documents=300 if quick else 2000
+    )
     tokenizer = load_tokenizer(tokenizer_dir)
     scratch = workdir / "data_prep_scratch"
     shutil.rmtree(scratch, ignore_errors=True)
@@ -153,28 +157,66 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
         return sample
 
     samples = harness.interleave(
-        {"kbtune": fresh, "raw_limit": lambda: raw_limit(kb, tokenizer), "kbtune_cached": cached}, rounds, "data"
+        {"kbtune": fresh, "raw_limit": lambda: raw_limit(kb, tokenizer), "kbtune_cached": cached},
+        rounds,
+        "data",
     )
-    rss = harness.interleave({f"{n}_docs": lambda n=n: measure_rss(collections[n], tokenizer_dir, scratch) for n in rss_sizes}, 1, "rss")
+    rss = harness.interleave(
+        {f"{n}_docs": lambda n=n: measure_rss(collections[n], tokenizer_dir, scratch) for n in rss_sizes},
+        1,
+        "rss",
+    )
     shutil.rmtree(scratch, ignore_errors=True)
     s, r = harness.summarise(samples), harness.summarise(rss)
     small, large = (f"{n}_docs" for n in rss_sizes)
     comparison = f"prepare {main_size:,} docs"
     rows = [
         harness.row("data", comparison, "raw_limit", "time", "s", s["raw_limit"]["seconds"]),
-        harness.row("data", comparison, "kbtune", "time", "s", s["kbtune"]["seconds"], s["raw_limit"]["seconds"], "raw"),
+        harness.row(
+            "data",
+            comparison,
+            "kbtune",
+            "time",
+            "s",
+            s["kbtune"]["seconds"],
+            s["raw_limit"]["seconds"],
+            "raw",
+        ),
         harness.row("data", comparison, "kbtune_cached", "time", "s", s["kbtune_cached"]["seconds"]),
         harness.row("data", comparison, "raw_limit", "throughput", "tok/s", s["raw_limit"]["tokens_per_s"]),
-        harness.row("data", comparison, "kbtune", "throughput", "tok/s", s["kbtune"]["tokens_per_s"],
-                    s["raw_limit"]["tokens_per_s"], "raw"),  # fmt: skip
+        harness.row(
+            "data",
+            comparison,
+            "kbtune",
+            "throughput",
+            "tok/s",
+            s["kbtune"]["tokens_per_s"],
+            s["raw_limit"]["tokens_per_s"],
+            "raw",
+        ),  # fmt: skip
         harness.row("data", "peak RSS", small, "peak RSS", "MB", r[small]["peak_rss_mb"]),
-        harness.row("data", "peak RSS", large, "peak RSS", "MB", r[large]["peak_rss_mb"], r[small]["peak_rss_mb"], small),
+        harness.row(
+            "data",
+            "peak RSS",
+            large,
+            "peak RSS",
+            "MB",
+            r[large]["peak_rss_mb"],
+            r[small]["peak_rss_mb"],
+            small,
+        ),
     ]
     speed = harness.ratio(s, "kbtune", "raw_limit", "tokens_per_s")
     targets = [
-        harness.target(f"data preparation speed, {main_size:,} docs (x raw limit)", speed, ">=", 0.7, "raw limit"),
-        harness.target(f"cached rerun, {main_size:,} docs (s)", s["kbtune_cached"]["seconds"]["median"], "<=", 2.0),
-        harness.target(f"peak RSS {large} / {small}", harness.ratio(r, large, small, "peak_rss_mb"), "<=", 2.0, small),
+        harness.target(
+            f"data preparation speed, {main_size:,} docs (x raw limit)", speed, ">=", 0.7, "raw limit"
+        ),
+        harness.target(
+            f"cached rerun, {main_size:,} docs (s)", s["kbtune_cached"]["seconds"]["median"], "<=", 2.0
+        ),
+        harness.target(
+            f"peak RSS {large} / {small}", harness.ratio(r, large, small, "peak_rss_mb"), "<=", 2.0, small
+        ),
     ]
     details = {"documents": samples["raw_limit"][0]["documents"], "tokens": samples["raw_limit"][0]["tokens"],
                "kbtune_tokens": samples["kbtune"][0]["tokens"], "tokenizer": str(tokenizer_dir), "block_size": BLOCK,

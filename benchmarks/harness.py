@@ -24,7 +24,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def interleave(variants: dict[str, Callable[[], dict[str, float]]], rounds: int, label: str = "") -> dict[str, list[dict[str, float]]]:
+def interleave(
+    variants: dict[str, Callable[[], dict[str, float]]], rounds: int, label: str = ""
+) -> dict[str, list[dict[str, float]]]:
     """Run each variant once per round, in the same order every round; return each one's samples."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     for r in range(rounds):
@@ -70,7 +72,9 @@ def target(name: str, value: float | None, op: str, threshold: float, baseline: 
     return {"name": name, "value": value, "op": op, "threshold": threshold, "baseline": baseline, "met": met}
 
 
-def run_timed(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 900, cwd: Path = REPO) -> tuple[float, subprocess.CompletedProcess]:
+def run_timed(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 900, cwd: Path = REPO
+) -> tuple[float, subprocess.CompletedProcess]:
     """Wall time of a command from launch to exit (a fresh interpreter each time)."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
@@ -80,7 +84,9 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None, timeout: float 
 def bench_env(**extra: str) -> dict[str, str]:
     """The environment kbtune's entry points set for themselves, for the commands the benchmarks launch."""
     env = dict(os.environ)
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", PYTHONUNBUFFERED="1")
+    env.update(
+        MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", PYTHONUNBUFFERED="1"
+    )
     env.update(extra)
     return env
 
@@ -142,7 +148,9 @@ def render(report: dict[str, Any]) -> str:
     lines = [[r["section"], r["comparison"], r["variant"], f"{r['metric']} ({r['unit']})" if r["unit"] else r["metric"],
               _num(r["median"], r["unit"]), f"{_num(r['min'], r['unit'])}..{_num(r['max'], r['unit'])}", str(r["n"]),
               f"{r['ratio']:.2f}x {r['baseline']}" if r["ratio"] is not None else ""] for r in rows]  # fmt: skip
-    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)
+    ]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out.append("  ".join("-" * w for w in widths))
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]

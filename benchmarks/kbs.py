@@ -101,7 +101,10 @@ def synthetic_kbs(workdir: Path, sizes: list[int]) -> dict[int, dict[str, str]]:
             pending += synthetic_chunk(index, words, probs)[: size - done - len(pending)]
             if len(pending) >= batch or done + len(pending) == size:
                 ids = [f"doc-{i:07d}" for i in range(done, done + len(pending))]
-                metas = [{"source": f"synthetic/{i // 10:05d}.md", "part": i % 10} for i in range(done, done + len(pending))]
+                metas = [
+                    {"source": f"synthetic/{i // 10:05d}.md", "part": i % 10}
+                    for i in range(done, done + len(pending))
+                ]
                 col.add(ids=ids, documents=pending, metadatas=metas,
                         embeddings=rng.random((len(pending), 8), dtype=np.float32))  # fmt: skip
                 done += len(pending)

@@ -29,12 +29,18 @@ SECTIONS = {"training": "training", "data": "data_prep", "startup": "startup", "
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="toy sizes: checks the benchmarks run (~1 min)")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections ({', '.join(SECTIONS)})")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated sections ({', '.join(SECTIONS)})"
+    )
     parser.add_argument("--out", default=str(harness.REPO / "benchmarks" / "results" / "latest.json"))
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per comparison (default: 3, quick: 1-2)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="rounds per comparison (default: 3, quick: 1-2)"
+    )
     args = parser.parse_args(argv)
     unknown = [s for s in args.only.split(",") if s not in SECTIONS]
     if unknown:

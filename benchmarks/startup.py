@@ -25,14 +25,18 @@ LIBRARIES = ("torch", "pytorch_lightning", "transformers", "mlflow", "chromadb",
 
 
 def help_time() -> dict[str, float]:
-    seconds, proc = harness.run_timed([str(Path(harness.PYTHON).parent / "kbtune"), "--help"], env=harness.bench_env())
+    seconds, proc = harness.run_timed(
+        [str(Path(harness.PYTHON).parent / "kbtune"), "--help"], env=harness.bench_env()
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"kbtune --help failed: {proc.stderr[-2000:]}")
     return {"seconds": seconds}
 
 
 def import_time() -> dict[str, float]:
-    seconds, proc = harness.run_timed([harness.PYTHON, "-c", f"import {', '.join(LIBRARIES)}"], env=harness.bench_env())
+    seconds, proc = harness.run_timed(
+        [harness.PYTHON, "-c", f"import {', '.join(LIBRARIES)}"], env=harness.bench_env()
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"importing {LIBRARIES} failed: {proc.stderr[-2000:]}")
     return {"seconds": seconds}
@@ -49,7 +53,9 @@ def first_step_time(root: Path, overrides: list[str]) -> dict[str, float]:
         raise RuntimeError(f"scripts/train.py failed:\n{proc.stderr[-3000:]}")
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("kbtune")
-    run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    run = client.search_runs(
+        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )[0]
     (first, *_) = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
     return {"seconds": first.timestamp / 1000 - launched, "process_seconds": seconds}
 
@@ -66,7 +72,9 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
 
         shutil.rmtree(root, ignore_errors=True)
         cold = first_step_time(root, overrides)
-        harness.log(f"  [startup] cold first step (creates the store and the data cache): {cold['seconds']:.2f}s")
+        harness.log(
+            f"  [startup] cold first step (creates the store and the data cache): {cold['seconds']:.2f}s"
+        )
     samples = harness.interleave(
         {"kbtune_help": help_time, "bare_imports": import_time, "first_step": lambda: first_step_time(root, overrides)},
         rounds, "startup",
@@ -76,8 +84,16 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
     rows = [
         harness.row("startup", "kbtune --help", "kbtune_help", "wall", "s", s["kbtune_help"]["seconds"]),
         harness.row("startup", "to first step", "bare_imports", "wall", "s", s["bare_imports"]["seconds"]),
-        harness.row("startup", "to first step", "first_step", "wall", "s", s["first_step"]["seconds"],
-                    s["bare_imports"]["seconds"], "bare_imports"),  # fmt: skip
+        harness.row(
+            "startup",
+            "to first step",
+            "first_step",
+            "wall",
+            "s",
+            s["first_step"]["seconds"],
+            s["bare_imports"]["seconds"],
+            "bare_imports",
+        ),  # fmt: skip
     ]
     targets = [
         harness.target("kbtune --help (s)", s["kbtune_help"]["seconds"]["median"], "<=", 0.5),
@@ -91,7 +107,9 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
     args = parser.parse_args()

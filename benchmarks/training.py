@@ -81,14 +81,21 @@ class Context:
         self.precision = resolve_precision(self.plan.trainer)
         steps_per_epoch = math.ceil(len(self.prepared.train) / self.batch)
         if self.steps > steps_per_epoch:
-            raise RuntimeError(f"{self.steps} steps exceed one epoch ({steps_per_epoch}): validation would fall in the window")
+            raise RuntimeError(
+                f"{self.steps} steps exceed one epoch ({steps_per_epoch}): validation would fall in the window"
+            )
         self.val = self.prepared.val[: 16 if quick else 64]
 
     def tokens_per_s(self, stamps: list[float]) -> float:
         """Steps warmup..S-1: stamp i is taken when step i ends, so the window holds S - W whole steps."""
         if len(stamps) < self.steps:
             raise RuntimeError(f"only {len(stamps)} of {self.steps} steps were timed")
-        return (self.steps - self.warmup) * self.batch * self.block / (stamps[self.steps - 1] - stamps[self.warmup - 1])
+        return (
+            (self.steps - self.warmup)
+            * self.batch
+            * self.block
+            / (stamps[self.steps - 1] - stamps[self.warmup - 1])
+        )
 
     def new_model(self) -> Any:
         from kbtune.modeling.factory import build_model
@@ -118,7 +125,9 @@ def run_kbtune(ctx: Context) -> dict[str, float]:
             self.stamps: list[float] = []
             self.module: Any = None
 
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        def on_train_batch_end(
+            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
             self.stamps.append(time.perf_counter())
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -150,7 +159,9 @@ def optimizer_like_kbtune(ctx: Context, model: Any) -> tuple[Any, Any]:
         lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True,
     )  # fmt: skip
     warmup = min(o.warmup_steps, ctx.steps - 1)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, warmup, ctx.steps, o.min_lr_ratio))
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, warmup, ctx.steps, o.min_lr_ratio)
+    )
 
 
 def run_plain(ctx: Context) -> dict[str, float]:
@@ -205,7 +216,9 @@ def run_hf(ctx: Context, defaults: bool) -> dict[str, float]:
             )  # fmt: skip
         timer = StepTimer()
         model = ctx.new_model()
-        Trainer(model=model, args=args, train_dataset=BlockDataset(ctx.prepared.train), callbacks=[timer]).train()
+        Trainer(
+            model=model, args=args, train_dataset=BlockDataset(ctx.prepared.train), callbacks=[timer]
+        ).train()
     return {"tokens_per_s": ctx.tokens_per_s(timer.stamps), "val_loss": ctx.val_loss(model)}
 
 
@@ -230,8 +243,15 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
     )  # fmt: skip
     model = ctx.new_model()
     n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = 6 * n_params + 12 * model.config.num_hidden_layers * model.config.hidden_size * ctx.block
-    precision = {"kbtune": ctx.precision, "plain": ctx.precision, "hf_trainer": ctx.precision, "hf_defaults": "32-true"}
+    flops_per_token = (
+        6 * n_params + 12 * model.config.num_hidden_layers * model.config.hidden_size * ctx.block
+    )
+    precision = {
+        "kbtune": ctx.precision,
+        "plain": ctx.precision,
+        "hf_trainer": ctx.precision,
+        "hf_defaults": "32-true",
+    }
     for name, runs in samples.items():
         dtype = "bf16" if precision[name].startswith("bf16") else "fp32"
         for sample in runs:
@@ -240,19 +260,38 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
     same = f"identical settings ({ctx.precision})"
     rows = [harness.row("training", same, "plain", "throughput", "tok/s", s["plain"]["tokens_per_s"])]
     for name in ("kbtune", "hf_trainer"):
-        rows.append(harness.row("training", same, name, "throughput", "tok/s", s[name]["tokens_per_s"], s["plain"]["tokens_per_s"], "plain"))
-    rows.append(harness.row("training", "defaults", "hf_defaults", "throughput", "tok/s", s["hf_defaults"]["tokens_per_s"]))
+        rows.append(
+            harness.row(
+                "training",
+                same,
+                name,
+                "throughput",
+                "tok/s",
+                s[name]["tokens_per_s"],
+                s["plain"]["tokens_per_s"],
+                "plain",
+            )
+        )
+    rows.append(
+        harness.row(
+            "training", "defaults", "hf_defaults", "throughput", "tok/s", s["hf_defaults"]["tokens_per_s"]
+        )
+    )
     rows.append(harness.row("training", "defaults", "kbtune", "throughput", "tok/s", s["kbtune"]["tokens_per_s"],
                             s["hf_defaults"]["tokens_per_s"], "hf_defaults"))  # fmt: skip
     for name in samples:
-        rows.append(harness.row("training", f"MFU ({precision[name]})", name, "MFU", "%", s[name]["mfu_percent"]))
+        rows.append(
+            harness.row("training", f"MFU ({precision[name]})", name, "MFU", "%", s[name]["mfu_percent"])
+        )
     tokens = ctx.steps * ctx.batch * ctx.block
     for name in samples:
         base = s["hf_defaults"]["val_loss"] if name == "kbtune" else None
         rows.append(harness.row("training", f"val/loss after {tokens:,} tokens", name, "val/loss", "", s[name]["val_loss"],
                                 base, "hf_defaults" if base else ""))  # fmt: skip
     for dtype, value in peak.items():
-        rows.append(harness.row("training", "peak matmul", dtype, "peak", "GFLOP/s", harness.summary([value])))
+        rows.append(
+            harness.row("training", "peak matmul", dtype, "peak", "GFLOP/s", harness.summary([value]))
+        )
     targets = [
         harness.target("training tok/s, kbtune / plain loop (identical settings)", harness.ratio(s, "kbtune", "plain", "tokens_per_s"), ">=", 0.95, "plain loop"),
         harness.target("training tok/s, kbtune / HF Trainer (identical settings)", harness.ratio(s, "kbtune", "hf_trainer", "tokens_per_s"), ">=", 1.0, "HF Trainer"),
@@ -279,7 +318,9 @@ def progress_callback_state() -> str:
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
     args = parser.parse_args()

@@ -319,16 +319,16 @@ def train(cfg: Any) -> float | None:
     from kbtune.service import TrainingPlan
 
     plan, runtime = load(cfg)
-    overrides, sweep_tags = hydra_context()
-    service = build_service(runtime)
-    ensure_sample_kb(service.kb, runtime)
-    resume = cfg.get("resume")
-    session_id = None
     if plan.trainer.strategy.startswith(("ddp", "fsdp", "deepspeed")) and not hydra_context_active():
         raise ConfigError([
             f"trainer.strategy: {plan.trainer.strategy} starts its other ranks by running the training script "
             f"again; launch it with scripts/train.py"
         ])  # fmt: skip
+    overrides, sweep_tags = hydra_context()
+    service = build_service(runtime)
+    ensure_sample_kb(service.kb, runtime)
+    resume = cfg.get("resume")
+    session_id = None
     if plan.ckpt_path == "last":
         # Other ranks train under rank zero's session (see kbtune.distributed); by now it is running.
         session_id = latest_resumable(service) if is_rank_zero() else None

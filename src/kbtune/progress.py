@@ -135,10 +135,12 @@ class ProgressCallback(pl.Callback):
         rate = (step - self.step0) / run_s if step > self.step0 else None
         total = self.total
         train, val = self.history["train"], self.history["val"]
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         return {
             "phase": phase,
-            "epoch": int(trainer.current_epoch),
-            "max_epochs": trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None,
+            # Lightning counts one past the last epoch once fit ends.
+            "epoch": min(int(trainer.current_epoch), epochs - 1) if epochs else int(trainer.current_epoch),
+            "max_epochs": epochs,
             "step": step,
             "total_steps": total,
             "percent": round(min(100.0, 100.0 * step / total), 2) if total else None,

@@ -193,6 +193,8 @@ class TrainingService:
         loop = TrainingLoop(plan.trainer, plan.callbacks, self.session_dir(session_id) / "checkpoints")
         # DDP/FSDP launch the other ranks inside fit(); they inherit this session from the environment.
         data_key = preparation.prepare_dataset().manifest["cache_key"]
+        if plan.trainer.strategy != "auto":
+            logger.info("other ranks join with KBTUNE_SESSION_ID=%s KBTUNE_DATA_KEY=%s", session_id, data_key)
         with handoff_to_other_ranks(session_id, ckpt_path, data_key):
             result = loop.train(module, datamodule, self.logger_factory(session_id), ckpt_path, extra_callbacks)
         return module, loop, result

@@ -131,7 +131,7 @@ class WorkerControl:
         self.overrides = list(overrides or [])
         self.max_running = max_running
         self._procs: dict[str, subprocess.Popen] = {}
-        self._compose_lock = threading.Lock()
+        self._validate_lock = threading.Lock()
 
     def files(self, session_id: str) -> SessionFiles:
         return SessionFiles(self.sessions_dir / session_id)
@@ -144,8 +144,9 @@ class WorkerControl:
         from kbtune.knowledge_base import SAMPLE_COLLECTION, KnowledgeBase
 
         all_overrides = [*self.overrides, *overrides]
-        # Hydra's compose API keeps one global state: two requests must not compose at once.
-        with self._compose_lock:
+        # Hydra's compose API keeps one global state, and Chroma's first client for a path is not
+        # thread-safe either: two requests validate one after the other.
+        with self._validate_lock:
             try:
                 cfg = pipeline.compose(all_overrides)
             except Exception as exc:  # Hydra's override grammar and unknown keys
@@ -153,8 +154,8 @@ class WorkerControl:
                     raise pipeline.ConfigError([str(exc).split("\n")[0]]) from exc
                 raise
             plan, runtime = pipeline.load(cfg)
-        if runtime.kb.collection != SAMPLE_COLLECTION:  # only the sample collection is created on demand
-            KnowledgeBase.connect(runtime.kb).count()
+            if runtime.kb.collection != SAMPLE_COLLECTION:  # only the sample collection is created on demand
+                KnowledgeBase.connect(runtime.kb).count()
         name, tags = pipeline.run_identity(plan, overrides)
         tags["kbtune.git_commit"] = pipeline.git_commit(pipeline.CONF_DIR.parent)
         return plan.config, name, tags

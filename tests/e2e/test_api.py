@@ -163,7 +163,7 @@ def test_stop_and_resume_give_the_losses_of_an_uninterrupted_run(server):
     assert [loss for _, loss in got_val] == pytest.approx([loss for _, loss in want_val], rel=1e-5)
     assert resumed["metrics"]["val/loss"] == pytest.approx(reference["metrics"]["val/loss"], rel=1e-5)
     versions = server.get("/models/versions").json()
-    assert {v["training_session_id"] for v in versions} >= {reference["id"], session_id}
+    assert {v["training_session_id"] for v in versions} >= {reference["id"], session_id}, versions
 
 
 @pytest.mark.slow

@@ -74,14 +74,20 @@ def test_start_watch_stop_and_theme_from_the_page(server, browser):
     page.goto(server.url + "/")
     page.wait_for_selector("#status-badge")
 
-    # The API's validation messages appear beside the field.
-    _fill_form(page, {"model": "tiny", "max_steps": "0", "batch_size": "eight"})
+    # The API's validation messages appear beside the field: its type checks, then the config's.
+    _fill_form(page, {"model": "tiny", "batch_size": "eight"})
+    page.click("#start-button")
+    page.wait_for_function(
+        "document.querySelector('.field-error[data-for=batch_size]').textContent.length > 0"
+    )
+    assert "valid integer" in page.text_content(".field-error[data-for=batch_size]")
+    _fill_form(page, {"batch_size": "8", "max_steps": "0"})
     page.click("#start-button")
     page.wait_for_function(
         "document.querySelector('.field-error[data-for=max_steps]').textContent.length > 0"
     )
     assert "trainer.max_steps: must be >= 1" in page.text_content(".field-error[data-for=max_steps]")
-    assert "valid integer" in page.text_content(".field-error[data-for=batch_size]")
+    assert page.text_content(".field-error[data-for=batch_size]") == ""
 
     # A tiny training from the form, watched to the end.
     _fill_form(page, {"max_steps": "40", "batch_size": "8", "block_size": "64", "val_check_interval": "10"})
@@ -140,6 +146,8 @@ def test_start_watch_stop_and_theme_from_the_page(server, browser):
         "document.getElementById('status-badge').dataset.status === 'completed'", timeout=30_000
     )
     page.wait_for_function("Number(document.getElementById('loss-chart').dataset.trainPoints) === 40")
+    assert page.is_hidden("#token-box")  # no token asked of a loopback server without one
+    page.wait_for_timeout(600)  # the bar's width transition
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000

@@ -18,7 +18,15 @@ SECTIONS = {"training", "data", "startup", "e2e"}
 def quick_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "latest.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--out", str(out), "--workdir", str(tmp / "work")]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "run.py"),
+        "--quick",
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp / "work"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text()), proc.stdout

@@ -14,6 +14,9 @@ import pytest
 
 from kbtune import pipeline
 
+# Each `kbtune` call starts a Python that imports Lightning (~8 s here); two trainings come first.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -43,8 +46,15 @@ def cli(two_trainings: dict[str, Any], *args: str) -> subprocess.CompletedProces
     return run([*kbtune_command(), *args, *two_trainings["overrides"]], cwd=two_trainings["root"])
 
 
-def test_versions_lists_two_versions_with_metrics(two_trainings):
-    proc = cli(two_trainings, "versions", "--json")
+@pytest.fixture(scope="module")
+def listings(two_trainings) -> dict[str, subprocess.CompletedProcess]:
+    """Each listing once: every `kbtune` call pays the CLI's start-up (seconds on this machine)."""
+    return {" ".join(args): cli(two_trainings, *args) for args in
+            [("versions", "--json"), ("versions",), ("sessions", "--json"), ("sessions",), ("sessions", "--status", "failed")]}  # fmt: skip
+
+
+def test_versions_lists_two_versions_with_metrics(listings):
+    proc = listings["versions --json"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     versions = json.loads(proc.stdout)
     assert [v["version"] for v in versions] == ["second-run", "v1"]  # newest first
@@ -53,19 +63,27 @@ def test_versions_lists_two_versions_with_metrics(two_trainings):
         assert v["metrics"]["val/loss"] > 0 and v["metrics"]["train/loss"] > 0
         assert v["created_at"] and v["training_session_id"]
 
-    table = cli(two_trainings, "versions")
+    table = listings["versions"]
     assert table.returncode == 0, table.stderr[-3000:]
     lines = table.stdout.strip().splitlines()
-    assert lines[0].split() == ["id", "version", "session", "created", "val/loss", "eval/perplexity", "aliases"]
+    assert lines[0].split() == [
+        "id",
+        "version",
+        "session",
+        "created",
+        "val/loss",
+        "eval/perplexity",
+        "aliases",
+    ]
     assert len(lines) == 3
     assert lines[1].split()[:3] == ["2", "second-run", versions[0]["training_session_id"]]
     assert lines[2].split()[:3] == ["1", "v1", versions[1]["training_session_id"]]
     assert f"{versions[0]['metrics']['val/loss']:.4f}" in lines[1]
 
 
-def test_sessions_lists_two_completed_sessions(two_trainings):
-    versions = json.loads(cli(two_trainings, "versions", "--json").stdout)
-    proc = cli(two_trainings, "sessions", "--json")
+def test_sessions_lists_two_completed_sessions(listings):
+    versions = json.loads(listings["versions --json"].stdout)
+    proc = listings["sessions --json"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     sessions = json.loads(proc.stdout)
     assert [s["id"] for s in sessions] == [v["training_session_id"] for v in versions]
@@ -73,23 +91,21 @@ def test_sessions_lists_two_completed_sessions(two_trainings):
         assert s["status"] == "completed" and s["completed_at"] and s["started_at"]
         assert s["config"]["model"]["name"] == "tiny" and s["config"]["data"]["block_size"] == 64
         assert s["metrics"]["val/loss"] > 0
+        assert s["error"] is None
 
-    table = cli(two_trainings, "sessions")
-    lines = table.stdout.strip().splitlines()
+    lines = listings["sessions"].stdout.strip().splitlines()
     assert lines[0].split() == ["id", "status", "model", "started", "val/loss", "error"]
     assert [line.split()[:3] for line in lines[1:]] == [[s["id"], "completed", "tiny"] for s in sessions]
 
-    failed = cli(two_trainings, "sessions", "--status", "failed")
+    failed = listings["sessions --status failed"]
     assert failed.returncode == 0 and failed.stdout.strip() == "(none)"
 
 
-def test_promote_save_and_errors(two_trainings):
-    sessions = json.loads(cli(two_trainings, "sessions", "--json").stdout)
+def test_promote_save_and_errors(two_trainings, listings):
+    sessions = json.loads(listings["sessions --json"].stdout)
     promoted = cli(two_trainings, "promote", "v1")
     assert promoted.returncode == 0, promoted.stderr[-3000:]
     assert promoted.stdout.strip() == "champion -> v1 (id 1)"
-    versions = {v["version"]: v for v in json.loads(cli(two_trainings, "versions", "--json").stdout)}
-    assert versions["v1"]["aliases"] == ["champion"] and versions["second-run"]["aliases"] == []
 
     saved = cli(two_trainings, "save", sessions[-1]["id"], "--label", "by-hand")
     assert saved.returncode == 0, saved.stderr[-3000:]
@@ -97,11 +113,11 @@ def test_promote_save_and_errors(two_trainings):
 
     taken = cli(two_trainings, "save", sessions[-1]["id"], "--label", "by-hand")
     assert taken.returncode == 2 and "already exists" in taken.stderr and "Traceback" not in taken.stderr
-    bad = cli(two_trainings, "save", sessions[-1]["id"], "--label", "../x")
-    assert bad.returncode == 2 and "not allowed" in bad.stderr
-    unknown = cli(two_trainings, "promote", "nope")
-    assert unknown.returncode == 2 and "nope" in unknown.stderr and "by-hand" in unknown.stderr
-    assert len(json.loads(cli(two_trainings, "versions", "--json").stdout)) == 3
+
+    versions = {v["version"]: v for v in json.loads(cli(two_trainings, "versions", "--json").stdout)}
+    assert list(versions) == ["by-hand", "second-run", "v1"]
+    assert versions["v1"]["aliases"] == ["champion"] and versions["second-run"]["aliases"] == []
+    assert versions["by-hand"]["training_session_id"] == sessions[-1]["id"]
 
 
 def test_latest_loads_and_generates(two_trainings):
@@ -114,7 +130,9 @@ def test_latest_loads_and_generates(two_trainings):
     model, tokenizer = manager.load_model("latest")
     prompt = tokenizer("The firmware", return_tensors="pt").input_ids
     with torch.inference_mode():
-        out = model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     assert tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip()
 
 

@@ -25,7 +25,9 @@ from tests.conftest import hash_embedder
 REPO = Path(__file__).resolve().parents[2]
 METRICS = ("loss", "perplexity", "accuracy", "rougeL", "bleu")
 # Small generation settings keep the test quick; the metrics are the same as with the defaults.
-SETTINGS = EvalSettings(max_documents=64, batch_size=8, prefix_tokens=16, generate_tokens=16, generation_documents=6)
+SETTINGS = EvalSettings(
+    max_documents=64, batch_size=8, prefix_tokens=16, generate_tokens=16, generation_documents=6
+)
 
 
 def overrides(root: Path, kb: dict[str, str]) -> list[str]:
@@ -41,7 +43,14 @@ def trained(tmp_path_factory, small_kb) -> dict[str, Any]:
     service = pipeline.build_service(runtime)
     outcome = service.train_model(plan)
     results = service.evaluate_model("latest", SETTINGS)
-    return {"root": root, "kb": small_kb, "service": service, "runtime": runtime, "outcome": outcome, "results": results}
+    return {
+        "root": root,
+        "kb": small_kb,
+        "service": service,
+        "runtime": runtime,
+        "outcome": outcome,
+        "results": results,
+    }
 
 
 def val_ids(manifest: dict[str, Any]) -> list[str]:
@@ -72,7 +81,9 @@ def test_metrics_and_gain(trained):
         assert math.isfinite(results[f"eval/{name}"])
     assert results["eval/perplexity"] == pytest.approx(math.exp(results["eval/loss"]))
     assert 0.0 <= results["eval/accuracy"] <= 1.0 and 0.0 <= results["eval/rougeL"] <= 1.0
-    assert results["eval/perplexity_gain"] == pytest.approx(results["eval/start_perplexity"] - results["eval/perplexity"])
+    assert results["eval/perplexity_gain"] == pytest.approx(
+        results["eval/start_perplexity"] - results["eval/perplexity"]
+    )
     assert results["eval/perplexity_gain"] > 0
     assert results["eval/loss"] < results["eval/start_loss"]
     assert results["eval/accuracy"] > results["eval/start_accuracy"]
@@ -110,7 +121,9 @@ def test_evaluate_script_prints_and_records(trained):
     version = service.store.get_version(outcome.version.id)
     assert version.metrics["eval/loss"] == pytest.approx(printed["eval/loss"])
     assert version.metrics["eval/bleu"] == pytest.approx(printed["eval/bleu"])
-    assert service.store.get_session(outcome.session.id).metrics["eval/bleu"] == pytest.approx(printed["eval/bleu"])
+    assert service.store.get_session(outcome.session.id).metrics["eval/bleu"] == pytest.approx(
+        printed["eval/bleu"]
+    )
 
 
 def test_evaluate_script_unknown_version_is_a_clear_error(trained):
@@ -119,7 +132,9 @@ def test_evaluate_script_unknown_version_is_a_clear_error(trained):
                           text=True, timeout=300, cwd=trained["root"], env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})  # fmt: skip
     output = proc.stdout + proc.stderr  # Hydra's log handler writes to stdout
     assert proc.returncode == 2, output[-3000:]
-    assert "model version 'no-such-version' not found" in output and trained["outcome"].version.version in output
+    assert (
+        "model version 'no-such-version' not found" in output and trained["outcome"].version.version in output
+    )
     assert "Traceback" not in output
 
 
@@ -155,7 +170,10 @@ def test_whitespace_only_edit_still_matches(trained, tmp_path):
     kb = kb_copy(trained, tmp_path)
     target = val_ids(trained["outcome"].prepared.manifest)[0]
     doc = kb.get([target])[0]
-    kb.upsert([Document(doc.id, "  " + doc.text.replace("\n", "  \n") + "\n\n\n", doc.metadata)], hash_embedder([doc.text]))
+    kb.upsert(
+        [Document(doc.id, "  " + doc.text.replace("\n", "  \n") + "\n\n\n", doc.metadata)],
+        hash_embedder([doc.text]),
+    )
     docs, _, _ = evaluation_on(trained, kb).load_test_set(trained["outcome"].session.id)
     assert target in [d.id for d in docs]
 
@@ -171,7 +189,10 @@ def test_deleted_val_document_is_refused_by_name(trained, tmp_path):
 
 def test_added_documents_do_not_change_the_test_set(trained, tmp_path):
     kb = kb_copy(trained, tmp_path)
-    new = [Document(f"added-{i}", f"A document added after training, number {i}.", {"source": "added.md"}) for i in range(20)]
+    new = [
+        Document(f"added-{i}", f"A document added after training, number {i}.", {"source": "added.md"})
+        for i in range(20)
+    ]
     kb.upsert(new, hash_embedder([d.text for d in new]))
     docs, _, _ = evaluation_on(trained, kb).load_test_set(trained["outcome"].session.id)
     assert [d.id for d in docs] == val_ids(trained["outcome"].prepared.manifest)
@@ -179,4 +200,8 @@ def test_added_documents_do_not_change_the_test_set(trained, tmp_path):
 
 def test_eval_settings_validation():
     problems = replace(SETTINGS, batch_size=0, max_documents=0, generation_documents=-1).validate()
-    assert {p.split(":")[0] for p in problems} == {"eval.batch_size", "eval.max_documents", "eval.generation_documents"}
+    assert {p.split(":")[0] for p in problems} == {
+        "eval.batch_size",
+        "eval.max_documents",
+        "eval.generation_documents",
+    }

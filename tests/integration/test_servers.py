@@ -3,6 +3,7 @@ shared MLflow tracking server (`tracking=server`) and a Chroma server (`kb=chrom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,11 +54,12 @@ def serve(command: list[str], health_url: str, log: Path, timeout: float = 90) -
         yield proc
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+        # Whatever of the group ignored SIGTERM (or outlived its parent) goes now.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+        proc.wait(timeout=15)
 
 
 def venv_bin(name: str) -> str:

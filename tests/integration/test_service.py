@@ -51,7 +51,14 @@ def env(tmp_path_factory, small_kb) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("service")
     plan, runtime, service = build(root, small_kb)
     outcome = service.train_model(plan)
-    return {"root": root, "kb": small_kb, "plan": plan, "runtime": runtime, "service": service, "outcome": outcome}
+    return {
+        "root": root,
+        "kb": small_kb,
+        "plan": plan,
+        "runtime": runtime,
+        "service": service,
+        "outcome": outcome,
+    }
 
 
 def newest_session(service):
@@ -95,7 +102,9 @@ def test_saved_model_reloads_with_transformers_and_generates(env):
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     prompt = tokenizer("The calibration", return_tensors="pt").input_ids
     with torch.inference_mode():
-        out = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     assert out.shape[1] == prompt.shape[1] + 12
     text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
     assert text.strip()  # real text, not only special tokens

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -42,14 +43,10 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)  # the group outlives the leader if children remain
     except ProcessLookupError:
         return
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # anything left in the group
-    except ProcessLookupError:
-        pass
     proc.wait(15)
 
 
@@ -67,7 +64,9 @@ def server(tmp_path_factory):
         deadline = time.monotonic() + 180
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"mlflow server exited with {proc.returncode}:\n{(tmp / 'server.log').read_text()[-3000:]}"
+                )
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                     if r.status == 200:
@@ -75,7 +74,9 @@ def server(tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not answer /health:\n{(tmp / 'server.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"mlflow server did not answer /health:\n{(tmp / 'server.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield {"url": url, "artifacts": tmp / "art", "tmp": tmp}
     finally:

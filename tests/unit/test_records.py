@@ -49,42 +49,71 @@ def test_copied_columns_are_the_seeds(table):
     assert list(seed_columns(table)) == COLUMNS[table]
 
 
-@pytest.mark.parametrize("cls, table", [(TrainingSession, "training_sessions"), (ModelVersion, "model_versions")])
+@pytest.mark.parametrize(
+    "cls, table", [(TrainingSession, "training_sessions"), (ModelVersion, "model_versions")]
+)
 def test_records_mirror_seed_tables(cls, table):
     assert own_fields(cls) == COLUMNS[table]
 
 
-REQUIRED = {"training_sessions": {"id", "status", "config"}, "model_versions": {"id", "version", "training_session_id"}}
+REQUIRED = {
+    "training_sessions": {"id", "status", "config"},
+    "model_versions": {"id", "version", "training_session_id"},
+}
 
 
-@pytest.mark.parametrize("cls, table", [(TrainingSession, "training_sessions"), (ModelVersion, "model_versions")])
+@pytest.mark.parametrize(
+    "cls, table", [(TrainingSession, "training_sessions"), (ModelVersion, "model_versions")]
+)
 def test_not_null_columns_have_no_default(cls, table):
-    required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     assert required == REQUIRED[table]
     if SEED.exists():
         text = SEED.read_text()
         body = re.search(rf"CREATE TABLE {table} \((.*?)\n\s*\);", text, re.S).group(1)
-        assert {line.split()[0] for line in body.splitlines() if "NOT NULL" in line or "PRIMARY KEY" in line} == REQUIRED[table]
+        assert {
+            line.split()[0] for line in body.splitlines() if "NOT NULL" in line or "PRIMARY KEY" in line
+        } == REQUIRED[table]
 
 
 def test_json_and_datetime_columns_have_matching_types():
     hints = {cls: typing.get_type_hints(cls) for cls in (TrainingSession, ModelVersion)}
     assert hints[TrainingSession]["config"] == dict[str, typing.Any]
-    for cls, column in [(TrainingSession, "started_at"), (TrainingSession, "completed_at"), (ModelVersion, "created_at")]:
+    for cls, column in [
+        (TrainingSession, "started_at"),
+        (TrainingSession, "completed_at"),
+        (ModelVersion, "created_at"),
+    ]:
         assert datetime in typing.get_args(hints[cls][column])
     for cls in (TrainingSession, ModelVersion):
         assert dict in [typing.get_origin(a) for a in typing.get_args(hints[cls]["metrics"])]
 
 
 def test_extras_on_model_version_do_not_affect_equality():
-    a = ModelVersion("1", "v1", "run", {"val/loss": 1.0}, datetime(2026, 1, 1, tzinfo=timezone.utc), source="a", aliases=("latest",))
+    a = ModelVersion(
+        "1",
+        "v1",
+        "run",
+        {"val/loss": 1.0},
+        datetime(2026, 1, 1, tzinfo=timezone.utc),
+        source="a",
+        aliases=("latest",),
+    )
     b = dataclasses.replace(a, source="b", aliases=())
     assert a == b
 
 
 def test_status_values_and_terminality():
     assert [s.value for s in SessionStatus] == ["pending", "running", "completed", "failed", "stopped"]
-    assert {s for s in SessionStatus if s.is_terminal} == {SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.STOPPED}
+    assert {s for s in SessionStatus if s.is_terminal} == {
+        SessionStatus.COMPLETED,
+        SessionStatus.FAILED,
+        SessionStatus.STOPPED,
+    }
     assert SessionStatus("failed") is SessionStatus.FAILED
 
 
@@ -120,7 +149,15 @@ def test_pending_session_to_dict_keeps_nulls():
 
 def test_version_to_dict_is_json_with_tz_aware_datetime():
     created = datetime(2026, 3, 2, 8, 30, tzinfo=timezone.utc)
-    mv = ModelVersion("3", "release-1", "run-1", {"eval/perplexity": 12.5}, created, source="file:///x", aliases=("champion", "latest"))
+    mv = ModelVersion(
+        "3",
+        "release-1",
+        "run-1",
+        {"eval/perplexity": 12.5},
+        created,
+        source="file:///x",
+        aliases=("champion", "latest"),
+    )
     data = json.loads(json.dumps(mv.to_dict()))
     assert {k: data[k] for k in ("id", "version", "training_session_id", "metrics")} == {
         "id": "3", "version": "release-1", "training_session_id": "run-1", "metrics": {"eval/perplexity": 12.5},

@@ -110,9 +110,10 @@ def local_dir_problems(path: str | None, trust_remote_code: bool = False) -> lis
     if not d.is_dir():
         return [f"model.path: {path} is not a directory"]
     problems = []
-    config = _read_json(d / "config.json")
-    if config is None:
-        problems.append(f"model.path: {path} has no readable config.json")
+    if not (d / "config.json").exists():
+        problems.append(f"model.path: {path} has no config.json")
+    elif _read_json(d / "config.json") is None:
+        problems.append(f"model.path: {path}/config.json is not a JSON object")
     if not any(d.glob("*.safetensors")):
         # Pickled weights can run arbitrary code when loaded: never fall back to them.
         pickled = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
