@@ -148,13 +148,14 @@ def child(args: dict[str, Any]) -> None:
 
 
 def table(rows: list[dict[str, Any]], settings: dict[str, Any], load: dict[str, Any]) -> str:
-    head = ["mode", "trainable params", "share", "peak RSS MB", "RSS growth in training MB", "val ppl before", "val ppl after", "tokens/s"]
+    head = ["mode", "trainable params", "share", "peak RSS MB", "RSS growth in training MB",
+            "grads + AdamW state MB (computed)", "val ppl before", "val ppl after", "tokens/s"]  # fmt: skip
     if any(r["gpu_peak_mb"] is not None for r in rows):
         head.append("peak GPU MB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["mode"], f"{r['trainable']:,} / {r['total']:,}", f"{100 * r['share']:.2f}%", f"{r['peak_rss_mb']:.0f}",
-                 f"{r['train_rss_growth_mb']:.0f}", f"{r['val_ppl_before']:.1f}", f"{r['val_ppl_after']:.1f}", f"{r['tokens_per_s']:.0f}"]  # fmt: skip
+                 f"{r['train_rss_growth_mb']:.0f}", f"{r['trainable'] * 12 / 2**20:.0f}", f"{r['val_ppl_before']:.1f}", f"{r['val_ppl_after']:.1f}", f"{r['tokens_per_s']:.0f}"]  # fmt: skip
         if len(head) > len(cells):
             cells.append(f"{r['gpu_peak_mb']:.0f}" if r["gpu_peak_mb"] is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
