@@ -149,7 +149,7 @@ def run_kbtune(ctx: Context) -> dict[str, float]:
 def optimizer_like_kbtune(ctx: Context, model: Any) -> tuple[Any, Any]:
     import torch
 
-    from kbtune.modeling.module import lr_lambda
+    from kbtune.modeling.optim import lr_lambda
 
     o = ctx.plan.optim
     decay = [p for p in model.parameters() if p.dim() >= 2]

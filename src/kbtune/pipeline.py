@@ -18,7 +18,7 @@ from kbtune.data.preparation import DataSettings
 from kbtune.distributed import is_rank_zero
 from kbtune.knowledge_base import SAMPLE_COLLECTION, KBSettings
 from kbtune.modeling.factory import LoraSpec, ModelSpec
-from kbtune.modeling.module import OptimSettings
+from kbtune.modeling.optim import OptimSettings
 from kbtune.training_loop import CallbackSettings, TrainerSettings, cuda_available, precision_problems
 
 logger = logging.getLogger(__name__)

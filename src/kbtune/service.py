@@ -17,7 +17,7 @@ from kbtune.distributed import RankZeroHandoff, handoff_to_other_ranks, is_rank_
 from kbtune.knowledge_base import KnowledgeBase
 from kbtune.model_manager import MODEL_ARTIFACT, MODEL_TAG, ModelManager, save_model_dir
 from kbtune.modeling.factory import ModelSpec, TokenizerProvider
-from kbtune.modeling.module import OptimSettings
+from kbtune.modeling.optim import OptimSettings
 from kbtune.records import SessionStatus, TrainingSession
 from kbtune.tracking.store import SessionStore
 from kbtune.training_loop import CallbackSettings, TrainerSettings, TrainingLoop
