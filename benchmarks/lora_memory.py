@@ -32,6 +32,9 @@ BASE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "intermediate_size": 1024, "vo
 MODES = {
     "full": {"lora": None, "learning_rate": 3e-4},
     "lora": {"lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": []}, "learning_rate": 2e-3},
+    # LoRA dropout copies each adapted layer's input (kept for the backward): without it, the adapters
+    # add almost no activation memory.
+    "lora_no_dropout": {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": []}, "learning_rate": 2e-3},
 }
 
 
@@ -162,7 +165,8 @@ def table(rows: list[dict[str, Any]], settings: dict[str, Any], load: dict[str, 
     lines.append("")
     lines.append(
         f"settings: {json.dumps(settings)}; learning rates full {MODES['full']['learning_rate']}, "
-        f"LoRA {MODES['lora']['learning_rate']} (r=8, alpha=16); load average during the run {load['loadavg']}, "
+        f"LoRA {MODES['lora']['learning_rate']} (r=8, alpha=16, on q/k/v/o/gate/up/down_proj); precision: "
+        f"kbtune's default (bf16-mixed where supported); load average during the run {load['loadavg']}, "
         f"other processes' CPU {load['other_cpu_percent']}%"
     )
     return "\n".join(lines)
@@ -177,6 +181,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--workdir", type=Path, help="keep the KBs and the base checkpoint here (reused when present)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -186,8 +191,10 @@ def main() -> None:
         args.pretrain_steps, args.steps = 10, 4
     settings = {k: getattr(args, k) for k in ("device", "pretrain_steps", "steps", "block", "batch")}
     with tempfile.TemporaryDirectory(prefix="kbtune-lora-bench-") as tmp:
-        workdir = Path(tmp)
-        base = make_base(workdir, args.pretrain_steps, args.block, args.batch, args.device)
+        workdir = args.workdir or Path(tmp)
+        base = workdir / "base"
+        if not (base / "model.safetensors").exists():
+            base = make_base(workdir, args.pretrain_steps, args.block, args.batch, args.device)
         rows = []
         load = harness.other_load()
         for mode in MODES:

@@ -159,7 +159,7 @@ def create_app(
     from kbtune import pipeline
     from kbtune.knowledge_base import KnowledgeBaseError
     from kbtune.tracking.store import NotFoundError
-    from kbtune.worker import NotResumable, TrainingBusy, WorkerControl
+    from kbtune.worker import SessionConflict, TrainingBusy, WorkerControl
 
     overrides = list(overrides or [])
     problems: list[str] = []
@@ -198,8 +198,8 @@ def create_app(
             status_code=409, content={"detail": str(exc), "running_session_id": exc.session_id}
         )
 
-    @app.exception_handler(NotResumable)
-    def not_resumable(request: Request, exc: NotResumable) -> JSONResponse:
+    @app.exception_handler(SessionConflict)
+    def session_conflict(request: Request, exc: SessionConflict) -> JSONResponse:
         return JSONResponse(status_code=409, content={"detail": str(exc)})
 
     def session_id_ok(session_id: str | None) -> str | None:

@@ -234,7 +234,7 @@ def _watch(control: Any, session_id: str | None, interval: float = 1.0) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from kbtune.worker import NotResumable, TrainingBusy
+    from kbtune.worker import SessionConflict, TrainingBusy
 
     control = _control(args.overrides, args.max_running)
     try:
@@ -249,7 +249,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             session = control.resume(args.resume)
         else:
             session = control.start(args.overrides)
-    except (TrainingBusy, NotResumable) as exc:
+    except (TrainingBusy, SessionConflict) as exc:
         print(f"kbtune: error: {exc}", file=sys.stderr)
         return 2
     print(
@@ -274,10 +274,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     import time
 
+    from kbtune.worker import SessionConflict
+
     _session_arg(args)
     control = _control(args.overrides)
     asked = time.monotonic()
-    session = control.stop(args.session_id)
+    try:
+        session = control.stop(args.session_id)
+    except SessionConflict as exc:
+        print(f"kbtune: error: {exc}", file=sys.stderr)
+        return 2
     if session.status.is_terminal:
         print(f"session {session.id} is already {session.status.value}")
         return 0

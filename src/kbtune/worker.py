@@ -40,8 +40,9 @@ class TrainingBusy(RuntimeError):
         )
 
 
-class NotResumable(RuntimeError):
-    """A resume of a session that is running or completed."""
+class SessionConflict(RuntimeError):
+    """A request the session's state rules out: resuming a running or completed session, stopping
+    one that no kbtune worker runs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +131,9 @@ class WorkerControl:
         # The server's (or CLI's) own overrides: the worker composes them to find the same store.
         self.overrides = list(overrides or [])
         self.max_running = max_running
+        # Workers this process started, and how those that ended exited (pid, return code).
         self._procs: dict[str, subprocess.Popen] = {}
+        self._exits: dict[str, tuple[int, int]] = {}
         self._validate_lock = threading.Lock()
 
     def files(self, session_id: str) -> SessionFiles:
@@ -174,7 +177,7 @@ class WorkerControl:
         with self._launch_lock():
             session = self.reconcile(self.store.get_session(session_id))
             if session.status not in (SessionStatus.STOPPED, SessionStatus.FAILED):
-                raise NotResumable(
+                raise SessionConflict(
                     f"session {session.id} is {session.status.value}; only stopped or failed sessions can be resumed"
                 )
             self._check_capacity()
@@ -232,10 +235,11 @@ class WorkerControl:
         if info is None:
             return None, ""
         pid = info.get("pid")
-        proc = self._procs.get(session_id)
-        if proc is not None and proc.pid == pid:
-            code = proc.poll()  # also reaps it
-            return (True, "") if code is None else (False, describe_exit(code, pid))
+        self._reap()
+        if session_id in self._procs and self._procs[session_id].pid == pid:
+            return True, ""
+        if self._exits.get(session_id, (None, None))[0] == pid:
+            return False, describe_exit(self._exits[session_id][1], pid)
         try:
             process = psutil.Process(pid)
             same = (
@@ -246,6 +250,14 @@ class WorkerControl:
         except psutil.NoSuchProcess:
             pass
         return False, describe_exit(None, pid)
+
+    def _reap(self) -> None:
+        """Collect the exit of every worker this process started that has ended (no zombies)."""
+        for session_id, proc in list(self._procs.items()):
+            code = proc.poll()
+            if code is not None:
+                self._exits[session_id] = (proc.pid, code)
+                self._procs.pop(session_id, None)
 
     def reconcile(self, session: TrainingSession) -> TrainingSession:
         """The session as it really is: pending/running with a dead worker becomes failed."""
@@ -267,6 +279,7 @@ class WorkerControl:
 
     def active(self) -> list[TrainingSession]:
         """Pending and running sessions whose worker is alive, newest first."""
+        self._reap()
         found = []
         for status in (SessionStatus.RUNNING, SessionStatus.PENDING):
             for session in self.store.list_sessions(status):
@@ -316,6 +329,11 @@ class WorkerControl:
         session = self.current(session_id)
         if session.status.is_terminal:
             return session
+        if self.worker_alive(session.id)[0] is None:
+            raise SessionConflict(
+                f"session {session.id} does not run in a kbtune worker (scripts/train.py or a notebook): "
+                "stop it where it runs (Ctrl-C)"
+            )
         self.files(session.id).request_stop()
         logger.info("session %s: stop requested", session.id)
         return session
