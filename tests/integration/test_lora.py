@@ -29,6 +29,13 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
+def untrained(tmp_path_factory) -> dict[str, Path]:
+    """The same architectures without the pretraining, for tests that only read their structure."""
+    root = tmp_path_factory.mktemp("untrained-models")
+    return {arch: make_local_checkpoint(root / arch, arch, pretrain_steps=0) for arch in ("llama", "gpt2")}
+
+
+@pytest.fixture(scope="module")
 def tickets_kb(tmp_path_factory) -> Path:
     """200 short, regular documents: three short epochs visibly lower the validation loss."""
     root = tmp_path_factory.mktemp("tickets")
@@ -131,14 +138,14 @@ def test_gpt2_lora_merged_version_matches_the_trained_adapter(project, checkpoin
     torch.testing.assert_close(logits(merged, tokenizer), logits(module.model, tokenizer), atol=1e-4, rtol=1e-4)
 
 
-def test_lora_targets_are_detected_per_architecture_and_checked_when_overridden(project, checkpoints, tickets_kb):
+def test_lora_targets_are_detected_per_architecture_and_checked_when_overridden(project, untrained, tickets_kb):
     from transformers import AutoModelForCausalLM, OPTConfig
 
     from kbtune.modeling.factory import build_model
     from kbtune.modeling.lora import resolve_targets
 
-    llama = build_model(ModelSpec(source="local", path=str(checkpoints["llama"])))
-    gpt2 = build_model(ModelSpec(source="local", path=str(checkpoints["gpt2"])))
+    llama = build_model(ModelSpec(source="local", path=str(untrained["llama"])))
+    gpt2 = build_model(ModelSpec(source="local", path=str(untrained["gpt2"])))
     assert resolve_targets(llama) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert resolve_targets(gpt2) == ("c_attn", "c_proj", "c_fc")
     # An architecture without an entry: every Linear layer but the LM head.
@@ -146,7 +153,7 @@ def test_lora_targets_are_detected_per_architecture_and_checked_when_overridden(
                                                      ffn_dim=32, num_attention_heads=2, word_embed_proj_dim=16))  # fmt: skip
     assert set(resolve_targets(opt)) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
 
-    kept = lora_overrides(project, tickets_kb, checkpoints["gpt2"])
+    kept = lora_overrides(project, tickets_kb, untrained["gpt2"])
     ok, _ = pipeline.load(pipeline.compose([*kept, "model.lora.target_modules=[c_attn]", "model.lora.r=4"]))
     assert ok.model.lora.target_modules == ("c_attn",) and ok.model.lora.r == 4
     with pytest.raises(pipeline.ConfigError) as err:
