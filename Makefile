@@ -39,5 +39,8 @@ lint: install-dev  ## ruff lint and format check
 	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(VENV)/bin/ruff format --check src tests scripts benchmarks
 
+bench: install-dev  ## run the performance benchmarks (prints a table, writes benchmarks/results/latest.json)
+	$(PY) benchmarks/run.py
+
 ui: install  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
 	$(VENV)/bin/kbtune ui

@@ -8,7 +8,7 @@ the last N: warmup steps are skipped):
   kbtune       TrainingService.train_model on a plan from pipeline.compose/load (KBDataModule,
                CausalLMModule, TrainingLoop's Trainer with its default callbacks, progress bar, MLflow
                logging), its default precision (trainer.precision=auto) and optimizer settings;
-  plain        forward with labels, backward, clip, AdamW (foreach) step, LR schedule: nothing else;
+  plain        forward with labels, backward, clip, AdamW step (fused, as kbtune), LR schedule: nothing else;
   hf_trainer   transformers.Trainer, report_to none, kbtune's precision and optimizer settings;
   hf_defaults  transformers.Trainer with its own defaults (fp32, lr 5e-5, ...), report_to none.
 
@@ -156,7 +156,7 @@ def optimizer_like_kbtune(ctx: Context, model: Any) -> tuple[Any, Any]:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True,
+        lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps, fused=True,
     )  # fmt: skip
     warmup = min(o.warmup_steps, ctx.steps - 1)
     return opt, torch.optim.lr_scheduler.LambdaLR(

@@ -48,13 +48,23 @@ def test_every_section_is_measured(quick_report):
 def test_training_compares_all_variants_on_the_same_steps(quick_report):
     report, _ = quick_report
     training = report["sections"]["training"]
-    throughput = {r["variant"]: r for r in training["rows"] if r["metric"] == "throughput"}
-    assert {"kbtune", "plain", "hf_trainer", "hf_defaults"} <= set(throughput)
+    identical = {
+        r["variant"]: r
+        for r in training["rows"]
+        if r["metric"] == "throughput" and r["comparison"].startswith("identical")
+    }
+    assert set(identical) == {"kbtune", "plain", "hf_trainer"}
+    defaults = {
+        r["variant"]: r
+        for r in training["rows"]
+        if r["metric"] == "throughput" and r["comparison"] == "defaults"
+    }
+    assert set(defaults) == {"kbtune", "hf_defaults"} and defaults["kbtune"]["baseline"] == "hf_defaults"
     # Every variant ran the same number of interleaved rounds, and ratios are medians over the baseline's.
     rounds = {name: len(samples) for name, samples in training["samples"].items()}
     assert len(set(rounds.values())) == 1, rounds
     plain = training["summaries"]["plain"]["tokens_per_s"]["median"]
-    assert throughput["kbtune"]["ratio"] == pytest.approx(throughput["kbtune"]["median"] / plain)
+    assert identical["kbtune"]["ratio"] == pytest.approx(identical["kbtune"]["median"] / plain)
     details = training["details"]
     assert details["peak_gflops"]["fp32"] > 0 and details["flops_per_token"] > 6 * details["parameters"]
     assert all(r["median"] > 0 for r in training["rows"] if r["metric"] == "val/loss")

@@ -71,10 +71,13 @@ class CausalLMModule(pl.LightningModule):
         for p in self.model.parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 else no_decay).append(p)
-        # foreach, not fused: fused AdamW + bf16-mixed + gradient clipping raises on CPU.
+        # Fused: one kernel over every parameter, ~3x faster than foreach on CPU (~3% of a step of
+        # model=small). Not under fp16's GradScaler or a sharded strategy, where clipping needs
+        # Lightning's own path (see configure_gradient_clipping).
+        implementation = {"fused": True} if self._fused_ok() else {"foreach": True}
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True,
+            lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps, **implementation,
         )  # fmt: skip
         total = int(self.trainer.estimated_stepping_batches)
         warmup = min(o.warmup_steps, max(0, total - 1))
@@ -82,6 +85,25 @@ class CausalLMModule(pl.LightningModule):
             optimizer, lambda step: lr_lambda(step, warmup, total, o.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _fused_ok(self) -> bool:
+        single_or_ddp = type(self.trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy")
+        return single_or_ddp and not str(self.trainer.precision).startswith("16")
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:  # fmt: skip
+        # Lightning refuses to clip a fused optimizer's gradients under any mixed precision, because
+        # fused optimizers unscale fp16 gradients themselves. bf16 has no scaler: its gradients are
+        # the true ones, so clip them here exactly as Lightning's own path would.
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        if gradient_clip_val and fused and str(self.trainer.precision) == "bf16-mixed":
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optim_dict(self) -> dict[str, Any]:
         return asdict(self.optim)
