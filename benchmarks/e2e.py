@@ -11,10 +11,8 @@ Standalone: `python benchmarks/e2e.py [--quick]`."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -89,16 +87,7 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
 
 
 def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
-    args = parser.parse_args()
-    result = run(Path(args.workdir) / ("quick" if args.quick else "full"), args.quick)
-    print(json.dumps({k: result[k] for k in ("rows", "details")}, indent=1))
+    harness.section_main(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -166,3 +166,17 @@ def render(report: dict[str, Any]) -> str:
     out += ["", f"load before: {load.get('loadavg')} other processes {load.get('other_cpu_percent')}% CPU"
                 f" ({'quiet' if load.get('quiet') else 'NOT quiet: timings are noisy'})"]  # fmt: skip
     return "\n".join(out)
+
+
+def section_main(run: Any, doc: str | None) -> None:
+    """Run one section on its own: `python benchmarks/<section>.py [--quick] [--workdir DIR]`."""
+    import argparse
+    import json
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
+    args = parser.parse_args()
+    result = run(Path(args.workdir) / ("quick" if args.quick else "full"), args.quick)
+    print(json.dumps({k: result[k] for k in ("rows", "targets", "details") if k in result}, indent=1))

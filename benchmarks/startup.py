@@ -11,9 +11,7 @@ Standalone: `python benchmarks/startup.py [--quick]`."""
 
 from __future__ import annotations
 
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -105,16 +103,7 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
 
 
 def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
-    args = parser.parse_args()
-    result = run(Path(args.workdir) / ("quick" if args.quick else "full"), args.quick)
-    print(json.dumps({k: result[k] for k in ("rows", "targets", "details")}, indent=1))
+    harness.section_main(run, __doc__)
 
 
 if __name__ == "__main__":

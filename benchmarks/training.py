@@ -17,7 +17,6 @@ Standalone: `python benchmarks/training.py [--quick]`."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import sys
 import tempfile
@@ -316,16 +315,7 @@ def progress_callback_state() -> str:
 
 
 def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "kbtune-bench"))
-    args = parser.parse_args()
-    result = run(Path(args.workdir) / ("quick" if args.quick else "full"), args.quick)
-    print(json.dumps({k: result[k] for k in ("rows", "targets", "details")}, indent=1))
+    harness.section_main(run, __doc__)
 
 
 if __name__ == "__main__":
