@@ -75,7 +75,7 @@ def fit(spec: Any, kb: Any, cache: Path, steps: int, lr: float, block: int, batc
     from kbtune.training_loop import CallbackSettings, TrainerSettings, TrainingLoop
 
     provider = TokenizerProvider(spec, cache)
-    preparation = DataPreparation(kb, DataSettings(block_size=block, batch_size=batch, cache_dir=str(cache)), provider)
+    preparation = DataPreparation(kb, DataSettings(block_size=block, batch_size=batch), provider, cache)
     prepared = preparation.prepare_dataset()
     pl.seed_everything(0, verbose=False)
     module = CausalLMModule(provider.resolved_spec().to_dict(), {"learning_rate": lr, "warmup_steps": max(1, steps // 10)})

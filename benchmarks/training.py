@@ -5,7 +5,7 @@ after the same number of tokens.
 
 Variants (one fresh model from the same initial weights each, S = W + N optimizer steps, timed over
 the last N: warmup steps are skipped):
-  kbtune       TrainingService.train_model on a plan from pipeline.compose/load (KBDataModule,
+  kbtune       TrainingService.train_model on a plan from project.open_project (KBDataModule,
                CausalLMModule, TrainingLoop's Trainer with its default callbacks, progress bar, MLflow
                logging), its default precision (trainer.precision=auto) and optimizer settings;
   plain        forward with labels, backward, clip, AdamW step (fused, as kbtune), LR schedule: nothing else;
@@ -56,7 +56,7 @@ class Context:
     """Everything the variants share: the plan kbtune trains with, its prepared blocks, the model spec."""
 
     def __init__(self, workdir: Path, quick: bool, warmup: int, measured: int):
-        from kbtune import pipeline
+        from kbtune.project import open_project
 
         kb = kbs.sample_kb(workdir)
         self.root = workdir / "training"
@@ -69,8 +69,8 @@ class Context:
             # Every variant runs on the CPU, the machine the targets are for (a GPU would take kbtune's "auto").
             "trainer.accelerator=cpu",
         ]  # fmt: skip
-        self.plan, runtime = pipeline.load(pipeline.compose(overrides))
-        self.service = pipeline.build_service(runtime)
+        project = open_project(overrides)
+        self.plan, self.service = project.plan(), project.service
         self.preparation = self.service.prepare_training_data(self.plan)
         self.prepared = self.preparation.prepare_dataset()
         self.spec = self.preparation.tokenizer_factory.resolved_spec()
@@ -105,13 +105,15 @@ class Context:
         """Mean next-token loss on the same validation blocks for every variant, in fp32."""
         import torch
 
+        from kbtune.modeling.loss import token_stats
+
         model.eval()
         total, count = 0.0, 0
         with torch.no_grad():
             for start in range(0, len(self.val), self.batch):
                 ids = torch.from_numpy(self.val[start : start + self.batch].astype("int64"))
-                loss = model(input_ids=ids, labels=ids).loss.float().item()
-                total, count = total + loss * len(ids), count + len(ids)
+                stats = token_stats(model(input_ids=ids).logits, ids)
+                total, count = total + float(stats.nll_sum), count + int(stats.tokens)
         model.train()
         return total / count
 
@@ -137,7 +139,7 @@ def run_kbtune(ctx: Context) -> dict[str, float]:
     if importlib.util.find_spec("kbtune.progress"):
         # The progress reporting a worker adds (progress.json, the graceful stop, RNG state in checkpoints).
         from kbtune.progress import ProgressCallback, ResumeState
-        from kbtune.worker import SessionFiles
+        from kbtune.session_files import SessionFiles
 
         ctx.rounds += 1
         callbacks += [ProgressCallback(SessionFiles(ctx.root / "progress" / str(ctx.rounds))), ResumeState()]
@@ -166,6 +168,8 @@ def optimizer_like_kbtune(ctx: Context, model: Any) -> tuple[Any, Any]:
 def run_plain(ctx: Context) -> dict[str, float]:
     import torch
 
+    from kbtune.modeling.loss import token_stats
+
     torch.manual_seed(ctx.plan.seed)
     model = ctx.new_model()
     model.train()
@@ -178,7 +182,7 @@ def run_plain(ctx: Context) -> dict[str, float]:
     for step in range(ctx.steps):
         ids = data[order[step * ctx.batch : (step + 1) * ctx.batch]]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = token_stats(model(input_ids=ids).logits, ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()

@@ -31,8 +31,8 @@ FIELD_KEYS = {
     "model": "model",
     "max_epochs": "trainer.max_epochs",
     "max_steps": "trainer.max_steps",
-    "learning_rate": "model.learning_rate",
-    "warmup_steps": "model.warmup_steps",
+    "learning_rate": "optim.learning_rate",
+    "warmup_steps": "optim.warmup_steps",
     "batch_size": "data.batch_size",
     "block_size": "data.block_size",
     "collection": "kb.collection",
@@ -43,6 +43,11 @@ FIELD_KEYS = {
     "register": "register",
 }
 KEY_FIELDS = {key: name for name, key in FIELD_KEYS.items()}
+# Advanced settings travel as command-line overrides; these would reach paths, the store, Hydra itself
+# or another session, which a request may not choose.
+_FORBIDDEN_OVERRIDES = ("hydra", "paths", "tracking", "kb.path", "kb.host", "kb.port", "kb.sample_corpus",
+                        "model.path", "resume", "ckpt_path", "run_name")  # fmt: skip
+_OVERRIDE = re.compile(r"^[+~]?([A-Za-z_][\w.]*)(@[\w.]+)?=(.*)\Z", re.DOTALL)
 
 
 def is_loopback(host: str) -> bool:
@@ -75,6 +80,23 @@ class StartRequest(BaseModel):
     version: str | None = None
     # `register` itself would shadow BaseModel.register.
     register_version: bool | None = Field(None, alias="register")
+    # Anything else the command line accepts, e.g. ["finetune=lora", "data=qa",
+    # "trainer.accumulate_grad_batches=4"], validated like scripts/train.py's overrides.
+    overrides: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_allowed(cls, values: list[str]) -> list[str]:
+        for value in values:
+            match = _OVERRIDE.match(value)
+            if match is None or len(value) > 500:
+                raise ValueError(f"{value[:80]!r} is not an override of the form key=value")
+            key = match.group(1)
+            if key.split(".")[0] in _FORBIDDEN_OVERRIDES or key.startswith(_FORBIDDEN_OVERRIDES[3:]):
+                raise ValueError(f"{key} cannot be set through the API (it locates files, the store or a session)")
+            if re.search(r"\$\{|['\"\\]", match.group(3)) or any(ord(c) < 32 for c in value):
+                raise ValueError(f"{key}: the value must not contain quotes, backslashes, '${{' or control characters")
+        return values
 
     @field_validator("resume", "collection", "version", "precision")
     @classmethod
@@ -97,9 +119,12 @@ class StartRequest(BaseModel):
 
     def settings(self) -> dict[str, Any]:
         """The settings given, by their JSON names."""
-        return self.model_dump(by_alias=True, exclude_none=True)
+        given = self.model_dump(by_alias=True, exclude_none=True)
+        if not given.get("overrides"):
+            given.pop("overrides", None)
+        return given
 
-    def overrides(self, local_model: str | None) -> list[str]:
+    def to_overrides(self, local_model: str | None) -> list[str]:
         out: list[str] = []
         given = self.settings()
         for name, key in FIELD_KEYS.items():
@@ -121,7 +146,7 @@ class StartRequest(BaseModel):
                 out.append(f"{key}='{value}'")
             else:
                 out.append(f"{key}={value!r}")
-        return out
+        return [*out, *self.overrides]
 
 
 class ConfigErrorOnField(ValueError):
@@ -131,10 +156,11 @@ class ConfigErrorOnField(ValueError):
 
 
 def _field_of(problem: str) -> str | None:
-    key = problem.split(":", 1)[0].strip()
-    # The optimiser's settings live in the `model` node but report under `optim.`.
-    key = "model." + key.removeprefix("optim.") if key.startswith("optim.") else key
-    return KEY_FIELDS.get(key) or ("model" if key.startswith("model.") else None)
+    """The form field a config problem belongs to; other keys came from `overrides`."""
+    from kbtune.configuration import problem_key
+
+    key = problem_key(problem)
+    return KEY_FIELDS.get(key) or ("model" if key.startswith("model.") else "overrides")
 
 
 def unprocessable(problems: list[tuple[str | None, str]]) -> JSONResponse:
@@ -156,18 +182,15 @@ def create_app(
     """The app over the store and sessions folder that `overrides` (the server's Hydra overrides)
     select. `token`: require `Authorization: Bearer <token>` on every API route. `allowed_hosts`:
     answer only requests for these Host names (a loopback server's guard against DNS rebinding)."""
-    from kbtune import pipeline
+    from kbtune.configuration import ConfigError
     from kbtune.knowledge_base import KnowledgeBaseError
+    from kbtune.project import open_project
     from kbtune.tracking.store import NotFoundError
-    from kbtune.worker import SessionConflict, TrainingBusy, WorkerControl
+    from kbtune.worker_control import SessionConflict, TrainingBusy
 
-    overrides = list(overrides or [])
-    problems: list[str] = []
-    runtime = pipeline.runtime_from(pipeline.to_container(pipeline.compose(overrides)), problems)
-    if problems:
-        raise pipeline.ConfigError(problems)
-    store = pipeline.build_store(runtime.tracking)
-    control = WorkerControl(store, runtime.sessions_dir, overrides, max_running)
+    project = open_project(list(overrides or []))
+    store = project.store
+    control = project.control(max_running, as_defaults=True)
     local_model = str(Path(local_model).expanduser().resolve()) if local_model else None
 
     def require_token(request: Request) -> None:
@@ -215,10 +238,10 @@ def create_app(
             session = control.resume(session_id_ok(request.resume) or "")
             return control.describe(session)
         try:
-            session = control.start(request.overrides(local_model), origin="api")
+            session = control.start(request.to_overrides(local_model), origin="api")
         except ConfigErrorOnField as exc:
             return unprocessable([(exc.field, str(exc))])
-        except pipeline.ConfigError as exc:
+        except ConfigError as exc:
             return unprocessable([(_field_of(p), p) for p in exc.problems])
         except KnowledgeBaseError as exc:
             return unprocessable([(_field_of(str(exc)), str(exc))])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,13 @@ import numpy as np
 from kbtune.data.preparation import DataSettings, load_documents_for_split, pack, tokenize_documents
 from kbtune.knowledge_base import KnowledgeBase
 from kbtune.model_manager import SPEC_FILE, ModelManager
+from kbtune.settings_base import settings
 from kbtune.tracking.store import SessionStore
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@settings
 class EvalSettings:
     max_documents: int | None = 64
     batch_size: int = 8
@@ -47,6 +48,8 @@ def score_model(model: Any, tokenizer: Any, docs: list[Any], data: DataSettings,
     import torch
     from torchmetrics.text import BLEUScore, ROUGEScore
 
+    from kbtune.modeling.loss import token_stats
+
     ids, labels = tokenize_documents(docs, tokenizer, data)
     blocks, _ = pack(ids, tokenizer.eos_token_id, data.block_size)
     label_blocks = pack(labels, tokenizer.eos_token_id, data.block_size)[0] if labels else blocks
@@ -59,14 +62,10 @@ def score_model(model: Any, tokenizer: Any, docs: list[Any], data: DataSettings,
         for start in range(0, len(blocks), settings.batch_size):
             x = torch.as_tensor(blocks[start : start + settings.batch_size], dtype=torch.long)
             y = torch.as_tensor(label_blocks[start : start + settings.batch_size], dtype=torch.long)
-            logits = model(input_ids=x).logits[:, :-1].float()
-            target = y[:, 1:]
-            mask = target != -100
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
-            loss_sum += float((nll * mask).sum())
-            correct += int(((logits.argmax(-1) == target) & mask).sum())
-            tokens += int(mask.sum())
-            del logits, nll
+            stats = token_stats(model(input_ids=x).logits, y)
+            loss_sum += float(stats.nll_sum)
+            correct += int(stats.correct)
+            tokens += int(stats.tokens)
     loss = loss_sum / max(tokens, 1)
     out = {"loss": loss, "perplexity": float(np.exp(loss)), "accuracy": correct / max(tokens, 1), "tokens": float(tokens)}
 
@@ -102,10 +101,10 @@ class ModelEvaluation:
         """The session's validation documents, exactly as split and formatted in training."""
         session = self.store.get_session(session_id)
         manifest = json.loads(self.store.read_text(session_id, "data/manifest.json"))
-        data = DataSettings(**{**session.config.get("data", {}), "cache_dir": str(self.cache_dir)})
+        data = DataSettings(**{k: v for k, v in session.config.get("data", {}).items() if k != "cache_dir"})
         kb = self.kb
         if manifest["collection"] != kb.collection_name:
-            kb = KnowledgeBase(kb._client, replace(kb.settings, collection=manifest["collection"]))
+            kb = kb.with_settings(collection=manifest["collection"])
         docs = load_documents_for_split(kb, manifest, data, "val")
         return docs, data, manifest
 

@@ -154,3 +154,14 @@ def ingest_folder(
     report = IngestReport(len(files), total, added, updated, unchanged, removed)
     logger.info("ingested %s into %s: %s", folder, kb.settings.describe(), report)
     return report
+
+
+def ensure_sample_kb(kb: KnowledgeBase, sample_corpus: Path | None) -> None:
+    """Create the sample collection from the shipped corpus the first time it is used; any other
+    missing collection is the user's to create (KnowledgeBase raises with the ingest command)."""
+    from kbtune.knowledge_base import SAMPLE_COLLECTION
+
+    if kb.collection_name != SAMPLE_COLLECTION or sample_corpus is None or kb.exists():
+        return
+    logger.info("first run: ingesting the sample corpus %s into %r", sample_corpus, SAMPLE_COLLECTION)
+    ingest_folder(kb, sample_corpus)

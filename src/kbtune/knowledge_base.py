@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kbtune.settings_base import settings
+
 logger = logging.getLogger(__name__)
 
 # The collection the README's first command creates from the shipped sample corpus. Only this name
@@ -25,7 +27,7 @@ class Document:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@settings
 class KBSettings:
     """Where the knowledge base lives. `backend` picks the embedded store or a Chroma server."""
 
@@ -81,6 +83,12 @@ class KnowledgeBase:
             )
         logger.info("knowledge base: %s", settings.describe())
         return cls(client, settings)
+
+    def with_settings(self, **changes: Any) -> KnowledgeBase:
+        """The same store (and client) with other settings, e.g. another collection or filter."""
+        from dataclasses import replace
+
+        return KnowledgeBase(self._client, replace(self.settings, **changes))
 
     @property
     def collection_name(self) -> str:

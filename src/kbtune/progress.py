@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from kbtune.service import StopRequested
-from kbtune.worker import SessionFiles
+from kbtune.session_files import SessionFiles
 
 logger = logging.getLogger(__name__)
 

@@ -3,24 +3,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kbtune.data.preparation import DataPreparation, DataSettings, PreparedData
+from kbtune.configuration import TrainingPlan
+from kbtune.data.preparation import DataPreparation, PreparedData
 from kbtune.distributed import RankZeroHandoff, handoff_to_other_ranks, is_rank_zero
 from kbtune.knowledge_base import KnowledgeBase
 from kbtune.model_manager import MODEL_ARTIFACT, MODEL_TAG, ModelManager, save_model_dir
 from kbtune.modeling.factory import ModelSpec, TokenizerProvider
-from kbtune.modeling.optim import OptimSettings
 from kbtune.records import SessionStatus, TrainingSession
+from kbtune.session_files import SessionLayout
 from kbtune.tracking.store import SessionStore
-from kbtune.training_loop import CallbackSettings, TrainerSettings, TrainingLoop
+from kbtune.training_loop import TrainingLoop
 
 logger = logging.getLogger(__name__)
 
@@ -29,27 +30,7 @@ MANIFEST_TAG = "kbtune.manifest_key"
 
 
 class StopRequested(Exception):
-    """Raised inside a worker when a graceful stop was asked for (never escapes the service)."""
-
-
-@dataclass(frozen=True)
-class TrainingPlan:
-    """A validated training request: every setting as a plain value, plus the resolved config dict
-    that is stored with the session."""
-
-    data: DataSettings
-    model: ModelSpec
-    optim: OptimSettings
-    trainer: TrainerSettings
-    callbacks: CallbackSettings
-    config: dict[str, Any]
-    seed: int = 42
-    register: bool = True
-    version: str | None = None
-    ckpt_path: str | None = None
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    save_merged: bool = False
+    """Raised inside a training when a graceful stop was asked for (never escapes the service)."""
 
 
 @dataclass
@@ -60,9 +41,8 @@ class TrainOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _error_text(exc: BaseException) -> str:
-    tb = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-4)
-    return f"{type(exc).__name__}: {exc}\n\n" + "".join(tb)
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 class TrainingService:
@@ -71,20 +51,17 @@ class TrainingService:
         kb: KnowledgeBase,
         store: SessionStore,
         model_manager: ModelManager,
-        sessions_dir: Path,
+        layout: SessionLayout,
         cache_dir: Path,
         logger_factory: Callable[[str], list[Any]] | None = None,
     ):
         self.kb = kb
         self.store = store
         self.model_manager = model_manager
-        self.sessions_dir = Path(sessions_dir)
+        self.layout = layout
         self.cache_dir = Path(cache_dir)
-        # Builds the Lightning loggers bound to a session's run (the pipeline passes MLflow's).
+        # Builds the Lightning loggers bound to a session's run (the project passes MLflow's).
         self.logger_factory = logger_factory or (lambda session_id: [])
-
-    def session_dir(self, session_id: str) -> Path:
-        return self.sessions_dir / session_id
 
     # -- the seed's three methods -------------------------------------------------------------------
     def prepare_training_data(self, plan: TrainingPlan) -> DataPreparation:
@@ -94,7 +71,7 @@ class TrainingService:
 
     @staticmethod
     def prepare_with(kb: KnowledgeBase, plan: TrainingPlan, cache_dir: Path) -> DataPreparation:
-        preparation = DataPreparation(kb, plan.data, TokenizerProvider(plan.model, cache_dir))
+        preparation = DataPreparation(kb, plan.data, TokenizerProvider(plan.model, cache_dir), cache_dir)
         preparation.prepare_dataset()
         return preparation
 
@@ -104,99 +81,107 @@ class TrainingService:
         session_id: str | None = None,
         extra_callbacks: list[Any] | None = None,
         preparation: DataPreparation | None = None,
-        on_session: Callable[[TrainingSession], None] | None = None,
     ) -> TrainOutcome:
-        """Train one session. With `session_id` of an existing pending session it runs that one; of a
-        stopped/failed session it resumes from its last checkpoint in the same session.
-        In a multi-process run (trainer=ddp/fsdp) only rank zero creates and updates records."""
-        if plan.register and plan.version is not None:
-            # A taken label would only fail after the whole training; refuse before any session exists.
-            taken = next((v for v in self.model_manager.get_model_versions() if v.version == plan.version), None)
-            if taken is not None:
-                raise FileExistsError(f"version: label {plan.version!r} is already taken (version {taken.id}); choose another label")
+        """Train one session from `plan.ckpt_path` (None: from the start). `session_id` runs that
+        existing session (SessionRunner decides where it resumes); None creates one. In a
+        multi-process run (trainer=ddp/fsdp) only rank zero creates and updates records."""
+        if session_id is None:
+            self.check_version_label(plan)
         preparation = preparation or self.prepare_training_data(plan)
-        prepared = preparation.prepare_dataset()
         # The tokenizer is built during preparation; the spec learns its vocabulary size from it.
         spec = preparation.tokenizer_factory.resolved_spec()  # type: ignore[attr-defined]
         if not is_rank_zero():
             return self._train_other_rank(plan, spec, preparation, extra_callbacks)
-        ckpt_path = plan.ckpt_path
         if session_id is None:
             session = self.store.create_session(plan.config, plan.run_name, plan.tags)
         else:
             session = self.store.get_session(session_id)
-            if session.status in (SessionStatus.STOPPED, SessionStatus.FAILED):
-                last = self.session_dir(session.id) / "checkpoints" / "last.ckpt"
-                ckpt_path = str(last) if last.exists() else None
-                logger.info("resuming session %s from %s", session.id, ckpt_path or "the start (no checkpoint)")
-            elif session.status is not SessionStatus.PENDING:
+            if session.status not in (SessionStatus.PENDING, SessionStatus.STOPPED, SessionStatus.FAILED):
                 raise ValueError(f"session {session.id} is {session.status.value}; only pending, stopped or failed sessions can run")
-        if on_session:
-            on_session(session)
-        directory = self.session_dir(session.id)
-        checkpoint_dir = directory / "checkpoints"
         try:
-            self.store.update_session(session.id, status=SessionStatus.RUNNING, error="")
-            self.store.set_tags(session.id, {CHECKPOINT_TAG: str(checkpoint_dir), MANIFEST_TAG: prepared.manifest["cache_key"]})
-            self._log_data(session.id, prepared)
-            module, loop, result = self._fit(plan, spec, preparation, session.id, ckpt_path, extra_callbacks)
-            module = self._gather_for_saving(loop, module, spec, plan)
-            stopped = result.interrupted or bool(getattr(loop.trainer, "kbtune_stop_requested", False))
-            self._log_plots(session.id)
-            if stopped:
-                session = self.store.update_session(
-                    session.id, status=SessionStatus.STOPPED, completed_at=datetime.now(timezone.utc)
-                )
-                logger.info("session %s stopped at step %d; resume it to continue", session.id, result.global_step)
-                return TrainOutcome(session, prepared=prepared, extra={"result": result})
-            self._save_final_model(session.id, module, prepared, spec, plan)
-            session = self.store.update_session(
-                session.id, status=SessionStatus.COMPLETED, completed_at=datetime.now(timezone.utc)
-            )
-            version = None
-            if plan.register:
-                version = self.model_manager.save_model(plan.version, session.id, session.metrics)
-            logger.info("session %s completed: %s", session.id, {k: round(v, 4) for k, v in (session.metrics or {}).items() if "/" in k})
-            return TrainOutcome(session, version, prepared, extra={"result": result})
+            return self._run_session(plan, spec, preparation, session.id, extra_callbacks)
         except StopRequested as exc:
             # A graceful stop (kbtune.progress): last.ckpt was written between two optimizer steps.
-            session = self.store.update_session(session.id, status=SessionStatus.STOPPED, completed_at=datetime.now(timezone.utc))
+            session = self.store.update_session(session.id, status=SessionStatus.STOPPED, completed_at=_now())
             logger.info("session %s %s; resume it to continue", session.id, exc)
-            return TrainOutcome(session, prepared=prepared)
-        except KeyboardInterrupt:
-            self.store.update_session(session.id, status=SessionStatus.STOPPED, completed_at=datetime.now(timezone.utc))
-            raise
-        except Exception as exc:
-            # Lightning turns SIGTERM (e.g. a scheduler preempting the job) into SIGTERMException:
-            # the work so far is intact, so the session is stopped, not failed.
-            status = SessionStatus.STOPPED if type(exc).__name__ == "SIGTERMException" else SessionStatus.FAILED
-            self.store.update_session(
-                session.id, status=status, error=_error_text(exc), completed_at=datetime.now(timezone.utc)
-            )
-            raise
+            return TrainOutcome(session, prepared=preparation.prepare_dataset())
         except BaseException as exc:
-            self.store.update_session(
-                session.id, status=SessionStatus.FAILED, error=_error_text(exc), completed_at=datetime.now(timezone.utc)
-            )
+            self._record_end(session.id, exc)
             raise
 
+    def check_version_label(self, plan: TrainingPlan) -> None:
+        """A taken label would only fail after the whole training: refuse it before any session exists."""
+        if not plan.register or plan.version is None:
+            return
+        taken = next((v for v in self.model_manager.get_model_versions() if v.version == plan.version), None)
+        if taken is not None:
+            raise FileExistsError(f"version: label {plan.version!r} is already taken (version {taken.id}); choose another label")
+
+    def outcome(self, session: TrainingSession) -> TrainOutcome:
+        return TrainOutcome(session)
+
+    def _record_end(self, session_id: str, exc: BaseException) -> None:
+        """How a session that raised ends: Ctrl-C and SIGTERM (Lightning's SIGTERMException, e.g. a
+        scheduler preempting the job) leave the work so far intact, so it is stopped; else failed."""
+        from kbtune.session_runner import error_text
+
+        stopped = isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "SIGTERMException"
+        status = SessionStatus.STOPPED if stopped else SessionStatus.FAILED
+        error = "" if isinstance(exc, KeyboardInterrupt) else error_text(exc)
+        self.store.update_session(session_id, status=status, error=error, completed_at=_now())
+
+    def _run_session(self, plan: TrainingPlan, spec: ModelSpec, preparation: DataPreparation, session_id: str,
+                     extra_callbacks: list[Any] | None) -> TrainOutcome:  # fmt: skip
+        prepared = preparation.prepare_dataset()
+        files = self.layout.files(session_id)
+        self.store.update_session(session_id, status=SessionStatus.RUNNING, error="")
+        self.store.set_tags(session_id, {CHECKPOINT_TAG: str(files.checkpoints), MANIFEST_TAG: prepared.manifest["cache_key"]})
+        self._log_data(session_id, prepared)
+        with self._system_metrics(session_id):
+            module, loop, result = self._fit(plan, spec, preparation, session_id, extra_callbacks)
+        module = self._gather_for_saving(loop, module, spec, plan)
+        self._log_plots(session_id)
+        if result.interrupted or getattr(loop.trainer, "kbtune_stop_requested", False):
+            session = self.store.update_session(session_id, status=SessionStatus.STOPPED, completed_at=_now())
+            logger.info("session %s stopped at step %d; resume it to continue", session_id, result.global_step)
+            return TrainOutcome(session, prepared=prepared, extra={"result": result})
+        self._save_final_model(session_id, module, prepared, spec, plan)
+        session = self.store.update_session(session_id, status=SessionStatus.COMPLETED, completed_at=_now())
+        # A smoke test (trainer.fast_dev_run) proves the path works; its model is not a version.
+        version = None
+        if plan.register and not plan.trainer.fast_dev_run:
+            version = self.model_manager.save_model(plan.version, session_id, session.metrics)
+        logger.info("session %s completed: %s", session_id, {k: round(v, 4) for k, v in (session.metrics or {}).items() if "/" in k})
+        return TrainOutcome(session, version, prepared, extra={"result": result})
+
+    @contextlib.contextmanager
+    def _system_metrics(self, session_id: str) -> Iterator[None]:
+        """CPU, memory (and GPU where present) of the training, sampled into the session's run."""
+        start = getattr(self.store, "system_metrics", None)
+        monitor = start(session_id) if start is not None else None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                monitor.finish()
+
     def _fit(self, plan: TrainingPlan, spec: ModelSpec, preparation: DataPreparation, session_id: str,
-             ckpt_path: str | None, extra_callbacks: list[Any] | None) -> tuple[Any, TrainingLoop, Any]:  # fmt: skip
+             extra_callbacks: list[Any] | None) -> tuple[Any, TrainingLoop, Any]:  # fmt: skip
         import pytorch_lightning as pl
 
         from kbtune.data.datamodule import KBDataModule
         from kbtune.modeling.module import CausalLMModule
 
         pl.seed_everything(plan.seed, workers=True, verbose=False)
-        module = CausalLMModule(spec.to_dict(), plan.optim.__dict__)
+        module = CausalLMModule(spec.to_dict(), asdict(plan.optim))
         datamodule = KBDataModule(preparation, plan.data.batch_size, seed=plan.seed)
-        loop = TrainingLoop(plan.trainer, plan.callbacks, self.session_dir(session_id) / "checkpoints")
+        loop = TrainingLoop(plan.trainer, plan.callbacks, self.layout.files(session_id).checkpoints)
         # DDP/FSDP launch the other ranks inside fit(); they inherit this session from the environment.
         data_key = preparation.prepare_dataset().manifest["cache_key"]
         if plan.trainer.strategy != "auto":
             logger.info("other ranks join with KBTUNE_SESSION_ID=%s KBTUNE_DATA_KEY=%s", session_id, data_key)
-        with handoff_to_other_ranks(session_id, ckpt_path, data_key):
-            result = loop.train(module, datamodule, self.logger_factory(session_id), ckpt_path, extra_callbacks)
+        with handoff_to_other_ranks(session_id, plan.ckpt_path, data_key):
+            result = loop.train(module, datamodule, self.logger_factory(session_id), plan.ckpt_path, extra_callbacks)
         return module, loop, result
 
     def _train_other_rank(self, plan: TrainingPlan, spec: ModelSpec, preparation: DataPreparation,
@@ -210,7 +195,8 @@ class TrainingService:
                 f"this rank prepared data {prepared.manifest['cache_key']} but rank zero trains on "
                 f"{handoff.data_key}: the knowledge base changed while the ranks started; start the run again"
             )
-        module, loop, result = self._fit(plan, spec, preparation, handoff.session_id, handoff.ckpt_path, extra_callbacks)
+        plan = replace(plan, ckpt_path=handoff.ckpt_path)
+        module, loop, result = self._fit(plan, spec, preparation, handoff.session_id, extra_callbacks)
         self._gather_for_saving(loop, module, spec, plan)
         return TrainOutcome(self.store.get_session(handoff.session_id), prepared=prepared, extra={"result": result})
 
@@ -226,7 +212,7 @@ class TrainingService:
             return None
         from kbtune.modeling.module import CausalLMModule
 
-        full = CausalLMModule(spec.to_dict(), plan.optim.__dict__)
+        full = CausalLMModule(spec.to_dict(), asdict(plan.optim))
         full.load_state_dict(state)
         return full
 
@@ -266,7 +252,7 @@ class TrainingService:
             )  # fmt: skip
 
     def _save_final_model(self, session_id: str, module: Any, prepared: PreparedData, spec: ModelSpec, plan: TrainingPlan) -> None:
-        staging = self.session_dir(session_id) / "model"
+        staging = self.layout.files(session_id).model_staging
         if staging.exists():
             shutil.rmtree(staging)
         model = module.model
@@ -274,7 +260,7 @@ class TrainingService:
             from kbtune.modeling.lora import export_for_saving
 
             model = export_for_saving(model, merge=plan.save_merged)
-        save_model_dir(model, prepared.tokenizer, spec.to_dict(), staging)
+        save_model_dir(model, prepared.tokenizer, spec.describing(module.model).to_dict(), staging)
         uri = self.store.log_artifacts(session_id, staging, MODEL_ARTIFACT)
         self.store.set_tags(session_id, {MODEL_TAG: uri})
         # The artifact store now holds the model; the staging copy would only duplicate it.

@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kbtune.settings_base import settings
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 
-@dataclass(frozen=True)
+@settings
 class TrainerSettings:
     max_epochs: int = 3
     max_steps: int = -1
@@ -28,7 +30,10 @@ class TrainerSettings:
     num_nodes: int = 1
     log_every_n_steps: int = 10
     num_sanity_val_steps: int = 0
+    limit_train_batches: float | int = 1.0
     limit_val_batches: float | int = 1.0
+    # true (or N): Lightning's smoke test, N batches of each loop; kbtune then registers no version.
+    fast_dev_run: bool | int = False
     enable_progress_bar: bool = True
 
     def validate(self) -> list[str]:
@@ -56,7 +61,7 @@ class TrainerSettings:
         return p
 
 
-@dataclass(frozen=True)
+@settings
 class CallbackSettings:
     save_top_k: int = 1
     save_last: bool = True
@@ -127,7 +132,7 @@ class TrainingLoop:
 
     def build_trainer(self, loggers: list[Any], extra_callbacks: list[Any] | None = None) -> Any:
         import pytorch_lightning as pl
-        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+        from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
         s, c = self.settings, self.callback_settings
         callbacks: list[Any] = [
@@ -145,6 +150,8 @@ class TrainingLoop:
             callbacks.append(
                 EarlyStopping(monitor=c.monitor, patience=c.early_stopping_patience, min_delta=c.early_stopping_min_delta)
             )
+        if loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.extend(extra_callbacks or [])
         precision = resolve_precision(s)
         logger.info("trainer: precision %s, accelerator %s, checkpoints in %s", precision, s.accelerator, self.checkpoint_dir)
@@ -161,7 +168,9 @@ class TrainingLoop:
             num_nodes=s.num_nodes,
             log_every_n_steps=s.log_every_n_steps,
             num_sanity_val_steps=s.num_sanity_val_steps,
+            limit_train_batches=s.limit_train_batches,
             limit_val_batches=s.limit_val_batches,
+            fast_dev_run=s.fast_dev_run,
             enable_progress_bar=s.enable_progress_bar,
             enable_model_summary=False,
             logger=loggers or False,
@@ -187,7 +196,7 @@ class TrainingLoop:
                 raise
         finally:
             signal.signal(signal.SIGINT, handler)  # Lightning leaves SIGINT ignored after an interrupt
-        ckpt = next((cb for cb in trainer.callbacks if type(cb).__name__ == "ModelCheckpoint"), None)
+        ckpt = trainer.checkpoint_callback
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
         return TrainResult(
             metrics=metrics,

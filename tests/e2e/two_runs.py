@@ -11,9 +11,10 @@ _trained: dict[str, dict] = {}
 
 
 def train_two_runs(root: Path, kb: dict[str, str]) -> dict:
-    """Two completed sessions that differ only in model.learning_rate, each registered as a model
+    """Two completed sessions that differ only in optim.learning_rate, each registered as a model
     version, with two validation points per run (steps 4 and 8) so curves have a shape."""
-    from kbtune import pipeline
+    from kbtune.hydra_entry import compose
+    from kbtune.jobs import train
 
     # What the notebooks get through KBTUNE_OVERRIDES: the same KB, model and data as the trainings.
     shared = [
@@ -27,7 +28,7 @@ def train_two_runs(root: Path, kb: dict[str, str]) -> dict:
         "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
     ]  # fmt: skip
     val_losses = [
-        pipeline.train(pipeline.compose([*training, f"model.learning_rate={lr}"])) for lr in LEARNING_RATES
+        train(compose([*training, f"optim.learning_rate={lr}"])) for lr in LEARNING_RATES
     ]
     assert all(v is not None for v in val_losses)
     return {

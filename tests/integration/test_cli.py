@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from kbtune import pipeline
+from kbtune.hydra_entry import compose
+from kbtune.jobs import train
+from kbtune.project import Project, open_project
 
 # Each `kbtune` call starts a Python that imports Lightning (~8 s here); two trainings come first.
 pytestmark = pytest.mark.slow
@@ -38,7 +40,7 @@ def two_trainings(tmp_path_factory, small_kb) -> dict[str, Any]:
             "trainer.log_every_n_steps=2"]  # fmt: skip
     proc = run([sys.executable, str(REPO / "scripts" / "train.py"), *base], cwd=root)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    pipeline.train(pipeline.compose([*base, "version=second-run"]))
+    train(compose([*base, "version=second-run"]))
     return {"root": root, "overrides": [f"paths.root={root}"]}
 
 
@@ -125,8 +127,8 @@ def test_latest_loads_and_generates(two_trainings):
 
     from kbtune.model_manager import ModelManager
 
-    runtime = pipeline.runtime_from(pipeline.to_container(pipeline.compose(two_trainings["overrides"])), [])
-    manager = ModelManager(pipeline.build_store(runtime.tracking), runtime.cache_dir)
+    runtime = open_project(two_trainings["overrides"]).runtime
+    manager = ModelManager(Project({}, runtime).store, runtime.cache_dir)
     model, tokenizer = manager.load_model("latest")
     prompt = tokenizer("The firmware", return_tensors="pt").input_ids
     with torch.inference_mode():

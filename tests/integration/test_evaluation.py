@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 
-from kbtune import pipeline
+from kbtune.configuration import load
 from kbtune.data.preparation import DataError
 from kbtune.evaluation import EvalSettings, ModelEvaluation
+from kbtune.hydra_entry import compose, to_container
 from kbtune.knowledge_base import Document, KBSettings, KnowledgeBase
+from kbtune.project import Project
 from tests.conftest import hash_embedder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,8 +41,8 @@ def trained(tmp_path_factory, small_kb) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("evaluation")
     train_overrides = [*overrides(root, small_kb), "model=tiny", "data.block_size=64", "trainer.max_epochs=2",
                        "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2"]  # fmt: skip
-    plan, runtime = pipeline.load(pipeline.compose(train_overrides))
-    service = pipeline.build_service(runtime)
+    plan, runtime = load(to_container(compose(train_overrides)))
+    service = Project({}, runtime).service
     outcome = service.train_model(plan)
     results = service.evaluate_model("latest", SETTINGS)
     return {

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kbtune import pipeline
+from kbtune.configuration import ConfigError, load
+from kbtune.hydra_entry import compose, to_container
+from kbtune.jobs import train
 from kbtune.model_manager import load_model_dir, save_model_dir
 from kbtune.modeling.factory import ModelError, ModelSpec, build_model, load_local_tokenizer
 from kbtune.modeling.lora import LoraSpec, apply_lora, export_for_saving
@@ -23,8 +25,8 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 def problems(project: dict, *overrides: str) -> str:
-    with pytest.raises(pipeline.ConfigError) as err:
-        pipeline.load(pipeline.compose([*project["overrides"], *overrides]))
+    with pytest.raises(ConfigError) as err:
+        load(to_container(compose([*project["overrides"], *overrides])))
     return str(err.value)
 
 
@@ -53,21 +55,21 @@ def test_remote_code_runs_only_when_allowed(project, llama_dir, tmp_path):
     assert "loads code shipped with the model" in text and "model.trust_remote_code=true" in text
     with pytest.raises(ModelError, match="trust_remote_code"):
         load_local_tokenizer(str(custom))
-    plan, _ = pipeline.load(pipeline.compose([*project["overrides"], "model=local", f"model.path={custom}", "model.trust_remote_code=true"]))
+    plan, _ = load(to_container(compose([*project["overrides"], "model=local", f"model.path={custom}", "model.trust_remote_code=true"])))
     assert plan.model.trust_remote_code
 
 
 def test_sequence_length_must_fit_the_models_context(project, llama_dir):
     text = problems(project, "model=local", f"model.path={llama_dir}", "data.block_size=256")
     assert "data.block_size: 256 exceeds the 128-token context" in text
-    plan, _ = pipeline.load(pipeline.compose([*project["overrides"], "model=local", f"model.path={llama_dir}", "data.block_size=128"]))
+    plan, _ = load(to_container(compose([*project["overrides"], "model=local", f"model.path={llama_dir}", "data.block_size=128"])))
     assert plan.data.block_size == 128
 
 
 def test_half_precision_weights_only_for_a_frozen_lora_base(project, llama_dir):
     local = ["model=local", f"model.path={llama_dir}", "model.dtype=bfloat16"]
     assert "model.dtype: bfloat16 is for a frozen base under LoRA" in problems(project, *local)
-    plan, _ = pipeline.load(pipeline.compose([*project["overrides"], *local, "finetune=lora"]))
+    plan, _ = load(to_container(compose([*project["overrides"], *local, "finetune=lora"])))
     assert plan.model.dtype == "bfloat16" and plan.model.lora is not None
     model = apply_lora(build_model(plan.model), plan.model.lora)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
@@ -83,13 +85,13 @@ def test_gpu_only_settings_are_refused_on_cpu(project):
 
 
 def test_scale_out_configs_compose(project):
-    plan, _ = pipeline.load(pipeline.compose([*project["overrides"], "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]))
+    plan, _ = load(to_container(compose([*project["overrides"], "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])))
     assert (plan.trainer.strategy, plan.trainer.devices, plan.trainer.max_epochs) == ("ddp", 2, 2)
-    _, runtime = pipeline.load(pipeline.compose([*project["overrides"], "tracking=server", "tracking.uri=http://10.0.0.5:5000"]))
+    _, runtime = load(to_container(compose([*project["overrides"], "tracking=server", "tracking.uri=http://10.0.0.5:5000"])))
     assert runtime.tracking.uri == "http://10.0.0.5:5000" and runtime.tracking.artifact_location is None
     # Launching more processes re-runs the script, which a compose-API caller is not.
-    with pytest.raises(pipeline.ConfigError, match="scripts/train.py"):
-        pipeline.train(pipeline.compose([*project["overrides"], "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]))
+    with pytest.raises(ConfigError, match="scripts/train.py"):
+        train(compose([*project["overrides"], "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]))
 
 
 def test_an_adapter_version_names_its_base_and_refuses_to_load_without_it(llama_dir, tmp_path):

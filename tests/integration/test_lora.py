@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kbtune import pipeline
+from kbtune.configuration import ConfigError, load
+from kbtune.hydra_entry import compose, to_container
+from kbtune.jobs import train
 from kbtune.model_manager import SPEC_FILE, ModelManager, load_model_dir, save_model_dir
 from kbtune.modeling.factory import ModelSpec
 from kbtune.modeling.lora import export_for_saving
+from kbtune.project import Project
 from kbtune.records import SessionStatus
 from tests.conftest import seed_kb
 from tests.integration.local_checkpoints import make_local_checkpoint, write_ticket_corpus
@@ -54,10 +57,10 @@ def lora_overrides(project: dict, kb_path: Path, model_dir: Path, *extra: str) -
 
 def trained(overrides: list[str]):
     """Train through the composition root; return the store, the manager and the one session."""
-    cfg = pipeline.compose(overrides)
-    assert pipeline.train(cfg) is not None
-    _, runtime = pipeline.load(cfg)
-    store = pipeline.build_store(runtime.tracking)
+    cfg = compose(overrides)
+    assert train(cfg) is not None
+    _, runtime = load(to_container(cfg))
+    store = Project({}, runtime).store
     sessions = store.list_sessions()
     assert len(sessions) == 1 and sessions[0].status is SessionStatus.COMPLETED
     return store, ModelManager(store, runtime.cache_dir), sessions[0], runtime
@@ -105,7 +108,7 @@ def test_llama_lora_adapter_version_loads_like_its_merged_weights(project, check
     assert trainable and all("lora_" in n for n in trainable)
 
     # Evaluation rebuilds the base (the local checkpoint) to report the gain of the adapter.
-    service = pipeline.build_service(runtime)
+    service = Project({}, runtime).service
     results = service.evaluate_model("latest")
     assert results["eval/perplexity"] < results["eval/start_perplexity"]
 
@@ -154,8 +157,8 @@ def test_lora_targets_are_detected_per_architecture_and_checked_when_overridden(
     assert set(resolve_targets(opt)) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
 
     kept = lora_overrides(project, tickets_kb, untrained["gpt2"])
-    ok, _ = pipeline.load(pipeline.compose([*kept, "model.lora.target_modules=[c_attn]", "model.lora.r=4"]))
+    ok, _ = load(to_container(compose([*kept, "model.lora.target_modules=[c_attn]", "model.lora.r=4"])))
     assert ok.model.lora.target_modules == ("c_attn",) and ok.model.lora.r == 4
-    with pytest.raises(pipeline.ConfigError) as err:
-        pipeline.load(pipeline.compose([*kept, "model.lora.target_modules=[q_proj,c_attn]"]))
+    with pytest.raises(ConfigError) as err:
+        load(to_container(compose([*kept, "model.lora.target_modules=[q_proj,c_attn]"])))
     assert "model.lora.target_modules" in str(err.value) and "q_proj" in str(err.value)

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-from kbtune import pipeline
+from kbtune.configuration import load
+from kbtune.hydra_entry import compose, to_container
 from kbtune.plots import training_figures
+from kbtune.project import Project
 from kbtune.records import SessionStatus
 from kbtune.tracking.mlflow_store import MlflowStore
 
@@ -35,8 +37,8 @@ class StopAt(pl.Callback):
 
 
 def train(project: dict, extra_callbacks: list | None = None):
-    plan, runtime = pipeline.load(pipeline.compose([*project["overrides"], *STEPS, "register=false"]))
-    service = pipeline.build_service(runtime)
+    plan, runtime = load(to_container(compose([*project["overrides"], *STEPS, "register=false"])))
+    service = Project({}, runtime).service
     return service, service.train_model(plan, extra_callbacks=extra_callbacks)
 
 

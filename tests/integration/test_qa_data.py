@@ -8,10 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kbtune import pipeline
+from kbtune.configuration import ConfigError, load
 from kbtune.data.preparation import DataError, DataPreparation, DataSettings
+from kbtune.hydra_entry import compose, to_container
+from kbtune.jobs import train
 from kbtune.knowledge_base import KBSettings, KnowledgeBase
 from kbtune.modeling.factory import ModelSpec, TokenizerProvider
+from kbtune.project import Project
 from tests.conftest import SAMPLE_KB, seed_kb
 from tests.integration.local_checkpoints import CHATML, make_local_checkpoint
 
@@ -24,7 +27,7 @@ def faq_kb(tmp_path_factory) -> KnowledgeBase:
 
 
 def prepare(kb: KnowledgeBase, spec: ModelSpec, cache: Path, **settings):
-    preparation = DataPreparation(kb, DataSettings(format="qa", cache_dir=str(cache), **settings), TokenizerProvider(spec, cache))
+    preparation = DataPreparation(kb, DataSettings(format="qa", **settings), TokenizerProvider(spec, cache), cache)
     return preparation, preparation.prepare_dataset()
 
 
@@ -82,8 +85,8 @@ def test_chat_template_needs_a_tokenizer_that_has_one(faq_kb, tmp_path, project)
     with pytest.raises(DataError, match="data.chat_template"):
         prepare(faq_kb, ModelSpec(source="local", path=str(model_dir)), tmp_path / "cache", chat_template=True)
 
-    with pytest.raises(pipeline.ConfigError) as err:
-        pipeline.load(pipeline.compose([*project["overrides"], "data=qa", "data.chat_template=true"]))
+    with pytest.raises(ConfigError) as err:
+        load(to_container(compose([*project["overrides"], "data=qa", "data.chat_template=true"])))
     assert "data.chat_template" in str(err.value) and "model=local" in str(err.value)
 
 
@@ -92,9 +95,9 @@ def test_qa_training_runs_end_to_end(project, faq_kb):
     kept = [o for o in project["overrides"] if not o.startswith(("kb.", "trainer.max_epochs", "data.block_size"))]
     overrides = [*kept, f"kb.path={faq_kb.settings.path}", "kb.collection=faq", "data=qa", "data.block_size=64",
                  "trainer.max_epochs=1"]  # fmt: skip
-    cfg = pipeline.compose(overrides)
-    assert pipeline.train(cfg) is not None
-    plan, runtime = pipeline.load(cfg)
+    cfg = compose(overrides)
+    assert train(cfg) is not None
+    plan, runtime = load(to_container(cfg))
     assert plan.data.format == "qa"
-    (session,) = pipeline.build_store(runtime.tracking).list_sessions()
+    (session,) = Project({}, runtime).store.list_sessions()
     assert session.metrics["val/loss"] > 0 and session.config["data"]["format"] == "qa"

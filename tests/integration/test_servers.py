@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from kbtune import pipeline
+from kbtune.configuration import load
+from kbtune.hydra_entry import compose, to_container
+from kbtune.jobs import train
+from kbtune.project import Project
 from kbtune.records import SessionStatus
 from tests.conftest import SAMPLE_KB, hash_embedder
 
@@ -96,8 +99,8 @@ def test_training_records_to_a_shared_mlflow_server(project, mlflow_server, tmp_
     from kbtune.model_manager import ModelManager
     from kbtune.tracking.mlflow_store import MlflowStore
 
-    cfg = pipeline.compose(quick(project, "tracking=server", f"tracking.uri={mlflow_server}", "version=served"))
-    assert pipeline.train(cfg) is not None
+    cfg = compose(quick(project, "tracking=server", f"tracking.uri={mlflow_server}", "version=served"))
+    assert train(cfg) is not None
 
     store = MlflowStore(mlflow_server)
     (session,) = store.list_sessions()
@@ -124,11 +127,11 @@ def test_training_reads_a_chroma_server(project, chroma_server, tmp_path):
     ingest_folder(KnowledgeBase.connect(settings), SAMPLE_KB / "part_a" / "engineering", embed=hash_embedder)
 
     overrides = [o for o in quick(project) if not o.startswith("kb.")]
-    cfg = pipeline.compose([*overrides, "kb=chroma_http", f"kb.port={chroma_server}", "kb.collection=served-kb"])
-    assert pipeline.train(cfg) is not None
+    cfg = compose([*overrides, "kb=chroma_http", f"kb.port={chroma_server}", "kb.collection=served-kb"])
+    assert train(cfg) is not None
 
-    _, runtime = pipeline.load(cfg)
-    store = pipeline.build_store(runtime.tracking)
+    _, runtime = load(to_container(cfg))
+    store = Project({}, runtime).store
     (session,) = store.list_sessions()
     assert session.status is SessionStatus.COMPLETED
     manifest = json.loads(store.read_text(session.id, "data/manifest.json"))

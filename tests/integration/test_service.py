@@ -1,4 +1,4 @@
-"""TrainingService end to end on a tiny model: composed config -> pipeline.load -> build_service ->
+"""TrainingService end to end on a tiny model: composed config -> open_project -> the project's service ->
 train_model. A session's lifecycle for success, an exception in training, an interrupt, and
 register=false, recorded in a real SQLite MLflow store."""
 
@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 
-from kbtune import pipeline
+from kbtune.configuration import load
+from kbtune.hydra_entry import compose, to_container
+from kbtune.project import Project
 from kbtune.records import SessionStatus
 
 
@@ -30,8 +32,8 @@ def tiny_overrides(root: Path, kb: dict[str, str], epochs: int = 2) -> list[str]
 
 
 def build(root: Path, kb: dict[str, str], extra: list[str] | None = None) -> tuple[Any, Any, Any]:
-    plan, runtime = pipeline.load(pipeline.compose([*tiny_overrides(root, kb), *(extra or [])]))
-    return plan, runtime, pipeline.build_service(runtime)
+    plan, runtime = load(to_container(compose([*tiny_overrides(root, kb), *(extra or [])])))
+    return plan, runtime, Project({}, runtime).service
 
 
 class RaiseAtBatch(pl.Callback):

@@ -1,7 +1,8 @@
-from kbtune import pipeline
+from kbtune.hydra_entry import compose
+from kbtune.jobs import train
 
 
 def test_tiny_training_through_pipeline(project):
-    cfg = pipeline.compose(project["overrides"])
-    val_loss = pipeline.train(cfg)
+    cfg = compose(project["overrides"])
+    val_loss = train(cfg)
     assert val_loss is not None and val_loss > 0

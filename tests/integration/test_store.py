@@ -1,14 +1,18 @@
-"""MlflowStore and ModelManager against a real SQLite MLflow store in a temp dir: session lifecycle,
-records round-trip, versions, labels, concurrency, aliases. The `check_*` functions take any store so
-test_store_server.py runs the same checks against a real `mlflow server` over HTTP."""
+"""ModelManager over MlflowStore (real SQLite in a temp dir) and InMemoryStore alike: session lifecycle,
+round-trip, versions, labels, concurrency, aliases; MLflow's limits and processes on MLflow alone. The
+`check_*` functions take any store so test_store_server.py runs them against a real `mlflow server`."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import shutil
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,8 @@ import pytest
 
 from kbtune.model_manager import MODEL_ARTIFACT, MODEL_TAG, ModelManager, VersionLabelError, save_model_dir
 from kbtune.records import ModelVersion, SessionStatus, TrainingSession
-from kbtune.tracking.store import NotFoundError
+from kbtune.tracking.memory_store import InMemoryStore
+from kbtune.tracking.store import NotFoundError, SessionStore
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "kbtune"
 TEXTS = [
@@ -81,6 +86,21 @@ def artifact_tree(root: Path) -> dict[str, str]:
 
 def weights(model) -> dict[str, Any]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def race(n: int, work: Callable[[int], Any]) -> list[Any]:
+    """`work(i)` for each i < n in n threads released at once: each one's result or exception."""
+    barrier = threading.Barrier(n, timeout=120)
+
+    def run(i: int) -> Any:
+        barrier.wait()
+        try:
+            return work(i)
+        except BaseException as exc:  # the caller asserts on it
+            return exc
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(run, range(n)))
 
 
 # -- checks (any SessionStore) ---------------------------------------------------------------------
@@ -152,15 +172,8 @@ def check_round_trip(store) -> None:
     assert got.metrics == {"train/loss": 2.0, "val/loss": 3.5}  # the latest value of each
     assert got.started_at == created.started_at
     assert abs(got.started_at - datetime.now(timezone.utc)) < timedelta(minutes=5)
-    assert [f.name for f in dataclasses.fields(got)] == [
-        "id",
-        "status",
-        "config",
-        "metrics",
-        "started_at",
-        "completed_at",
-        "error",
-    ]
+    fields = ["id", "status", "config", "metrics", "started_at", "completed_at", "error"]
+    assert [f.name for f in dataclasses.fields(got)] == fields
     assert json.loads(json.dumps(got.to_dict()))["config"] == config
     assert store.get_tags(created.id)["kbtune.test"] == "1"
 
@@ -303,25 +316,8 @@ def check_aliases(store, tmp: Path) -> None:
         manager.promote("no-such-version", "staging")
 
 
-INVALID_LABELS = [
-    "../x",
-    "/abs",
-    "a/b",
-    "%2e%2e",
-    "",
-    "latest",
-    "v3",
-    "..",
-    "a..b",
-    "a\\b",
-    " x",
-    "x\n",
-    "v3\n",
-    "-x",
-    "V3",
-    "LATEST",
-    "a" * 101,
-]
+INVALID_LABELS = ["../x", "/abs", "a/b", "%2e%2e", "", "latest", "v3", "..", "a..b", "a\\b", " x", "x\n", "v3\n",
+                  "-x", "V3", "LATEST", "a" * 101]  # fmt: skip
 
 
 def check_invalid_labels(store, tmp: Path, artifacts_root: Path | None) -> None:
@@ -345,21 +341,7 @@ def check_concurrent_saves(store, tmp: Path, artifacts_root: Path | None) -> Non
     sessions = [completed_session(store, tmp, seed=100 + i) for i in range(8)]
     before = len(manager.get_model_versions())
     tree = artifact_tree(artifacts_root) if artifacts_root else None
-    barrier = threading.Barrier(8)
-    results: list[Any] = [None] * 8
-
-    def save(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = manager.save_model(f"conc-{i}", sessions[i][0].id)
-        except BaseException as exc:  # reported below
-            results[i] = exc
-
-    threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = race(8, lambda i: manager.save_model(f"conc-{i}", sessions[i][0].id))
     errors = [r for r in results if isinstance(r, BaseException)]
     assert not errors, errors
     assert len({r.id for r in results}) == 8
@@ -378,21 +360,7 @@ def check_concurrent_same_label(store, tmp: Path) -> None:
     manager = ModelManager(store, tmp / "cache")
     sessions = [completed_session(store, tmp, seed=200 + i)[0] for i in range(8)]
     before = len(manager.get_model_versions())
-    barrier = threading.Barrier(8)
-    results: list[Any] = [None] * 8
-
-    def save(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = manager.save_model("contested", sessions[i].id)
-        except BaseException as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = race(8, lambda i: manager.save_model("contested", sessions[i].id))
     winners = [r for r in results if isinstance(r, ModelVersion)]
     losers = [r for r in results if isinstance(r, BaseException)]
     assert len(winners) == 1, results
@@ -401,109 +369,77 @@ def check_concurrent_same_label(store, tmp: Path) -> None:
     assert store.get_version("contested") == winners[0]
 
 
-# -- the SQLite store ------------------------------------------------------------------------------
-@pytest.fixture
-def store(tmp_path):
-    return make_store(tmp_path)
+def check_artifacts_and_history(store, tmp: Path) -> None:
+    """Metric history as the plots read it, text and folder artifacts, tags, unknown sessions."""
+    session = store.create_session({})
+    for step, loss in ((1, 4.0), (2, 3.0), (3, 2.5)):
+        store.log_metrics(session.id, {"train/loss": loss}, step=step)
+    time.sleep(0.01)  # a later timestamp: MLflow tells a re-logged step's latest value by it
+    store.log_metrics(session.id, {"train/loss": 2.8}, step=3)  # a resumed session logs step 3 again
+    store.log_metrics(session.id, {"train/loss": 2.0}, step=4)
+    assert store.metric_history(session.id, "train/loss") == [(1, 4.0), (2, 3.0), (3, 2.8), (4, 2.0)]
+    assert store.metric_history(session.id, "val/loss") == []
+    assert store.get_session(session.id).metrics == {"train/loss": 2.0}
+
+    store.log_text(session.id, "Größe – 温度\n", "data/manifest.json")
+    assert store.read_text(session.id, "data/manifest.json") == "Größe – 温度\n"
+    staging = tmp / "staging" / "plots"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "loss.html").write_text("<svg/>")
+    (staging / "sub" / "a.txt").write_text("a")
+    digests = file_digests(staging)
+    uri = store.log_artifacts(session.id, staging, "plots")
+    assert uri == store.artifact_uri(session.id, "plots") and uri.endswith("/plots")
+    shutil.rmtree(staging)  # the store keeps its own copy (the service deletes its staging folder)
+    downloaded = store.download(uri, tmp / "downloads")
+    assert file_digests(downloaded) == digests and (downloaded / "sub" / "a.txt").read_text() == "a"
+    assert store.read_text(session.id, "plots/sub/a.txt") == "a"
+
+    store.set_tags(session.id, {"kbtune.kb": "/kb", "kbtune.blocks": 3})
+    store.set_tags(session.id, {"kbtune.kb": "/other"})  # replaces one tag, keeps the others
+    tags = store.get_tags(session.id)
+    assert tags["kbtune.kb"] == "/other" and tags["kbtune.blocks"] == "3"
+    for read in (store.get_tags, store.artifact_uri, lambda i: store.metric_history(i, "train/loss")):
+        with pytest.raises(NotFoundError):
+            read("0" * 32)
 
 
-def test_session_lifecycle(store):
-    check_session_lifecycle(store)
+# -- both stores -----------------------------------------------------------------------------------
+@pytest.fixture(params=["mlflow", "memory"])
+def store(request, tmp_path):
+    if request.param == "mlflow":
+        yield make_store(tmp_path)
+    else:
+        with InMemoryStore() as memory:
+            yield memory
 
 
-def test_long_error_text_is_kept(store):
-    check_long_error_is_kept(store)
+def _name(check: Callable[..., None]) -> str:
+    return check.__name__.removeprefix("check_")
 
 
-def test_session_round_trip(store):
-    check_round_trip(store)
+@pytest.mark.parametrize("check", [check_session_lifecycle, check_round_trip, check_list_sessions], ids=_name)
+def test_sessions(store, check):
+    check(store)
 
 
-def test_list_sessions_filter_and_order(store):
-    check_list_sessions(store)
+MODEL_CHECKS = [check_artifacts_and_history, check_versions, check_load_model, check_aliases, check_concurrent_same_label]  # fmt: skip
 
 
-def test_sessions_of_another_experiment_are_not_found(tmp_path, store):
-    other = make_store(tmp_path, experiment="other")
-    session = other.create_session({"x": 1})
-    with pytest.raises(NotFoundError):
-        store.get_session(session.id)
-    assert session.id not in {s.id for s in store.list_sessions()}
+@pytest.mark.parametrize("check", MODEL_CHECKS, ids=_name)
+def test_sessions_with_models(store, tmp_path, check):
+    check(store, tmp_path)
 
 
-def test_versions(store, tmp_path):
-    check_versions(store, tmp_path)
-
-
-def test_load_model_and_unknown_version(store, tmp_path):
-    check_load_model(store, tmp_path)
+@pytest.mark.parametrize("check", [check_invalid_labels, check_concurrent_saves], ids=_name)
+def test_saves_write_no_artifacts(store, tmp_path, check):
+    # Where each store writes: make_store's artifact_location, or the InMemoryStore's own directory.
+    check(store, tmp_path, getattr(store, "artifact_root", tmp_path / "artifacts"))
 
 
 def test_load_model_with_no_versions_says_so(store, tmp_path):
     with pytest.raises(NotFoundError, match="none"):
         ModelManager(store, tmp_path / "cache").load_model("latest")
-
-
-def test_aliases(store, tmp_path):
-    check_aliases(store, tmp_path)
-
-
-def test_invalid_labels_write_nothing(store, tmp_path):
-    check_invalid_labels(store, tmp_path, tmp_path / "artifacts")
-
-
-def test_eight_concurrent_saves(store, tmp_path):
-    check_concurrent_saves(store, tmp_path, tmp_path / "artifacts")
-
-
-def test_concurrent_saves_of_one_label(store, tmp_path):
-    check_concurrent_same_label(store, tmp_path)
-
-
-def _save_in_process(db_dir: str, label: str, session_id: str, queue) -> None:
-    import os
-
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    try:
-        mv = ModelManager(make_store(Path(db_dir)), Path(db_dir) / "cache").save_model(label, session_id)
-        queue.put(("ok", mv.id, mv.version))
-    except Exception as exc:
-        queue.put(("error", type(exc).__name__, str(exc)))
-
-
-@pytest.mark.slow
-def test_eight_concurrent_saves_in_processes(store, tmp_path):
-    """Separate processes (as CLI calls or API workers would be), each with its own store, half of
-    them racing for one label."""
-    import multiprocessing as mp
-
-    sessions = [completed_session(store, tmp_path, seed=300 + i) for i in range(8)]
-    before = len(store.list_versions())
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    labels = [f"proc-{i}" if i % 2 else "proc-shared" for i in range(8)]
-    procs = [
-        ctx.Process(target=_save_in_process, args=(str(tmp_path), labels[i], sessions[i][0].id, queue))
-        for i in range(8)
-    ]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=180) for _ in procs]
-    for p in procs:
-        p.join(30)
-    ok = [r for r in results if r[0] == "ok"]
-    errors = [r for r in results if r[0] == "error"]
-    assert sorted(r[2] for r in ok) == sorted(["proc-shared", "proc-1", "proc-3", "proc-5", "proc-7"]), (
-        results
-    )
-    assert len(errors) == 3 and all(e[1] == "FileExistsError" for e in errors), errors
-    assert len(store.list_versions()) == before + 5
-    manager = ModelManager(store, tmp_path / "cache")
-    for label in ("proc-1", "proc-3", "proc-5", "proc-7"):
-        i = int(label.split("-")[1])
-        mv = store.get_version(label)
-        assert mv.training_session_id == sessions[i][0].id
-        assert file_digests(manager.model_dir(label)[1]) == sessions[i][1]
 
 
 def test_store_returns_no_mlflow_types(store, tmp_path):
@@ -535,6 +471,111 @@ def test_update_version_metrics_merges(store, tmp_path):
     updated = store.update_version_metrics("metrics", {"eval/loss": 1.5})
     assert updated.metrics == {"val/loss": 2.0, "eval/loss": 1.5}
     assert store.get_version(mv.id).metrics == updated.metrics
+
+
+# -- MLflow only: its tag limit, experiments, processes sharing one SQLite file ---------------------
+def test_long_error_text_is_kept(tmp_path):
+    check_long_error_is_kept(make_store(tmp_path))
+
+
+def test_sessions_of_another_experiment_are_not_found(tmp_path):
+    store, other = make_store(tmp_path), make_store(tmp_path, experiment="other")
+    session = other.create_session({"x": 1})
+    with pytest.raises(NotFoundError):
+        store.get_session(session.id)
+    assert session.id not in {s.id for s in store.list_sessions()}
+
+
+def _save_in_process(db_dir: str, label: str, session_id: str, queue) -> None:
+    import os
+
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    try:
+        mv = ModelManager(make_store(Path(db_dir)), Path(db_dir) / "cache").save_model(label, session_id)
+        queue.put(("ok", mv.id, mv.version))
+    except Exception as exc:
+        queue.put(("error", type(exc).__name__, str(exc)))
+
+
+@pytest.mark.slow
+def test_eight_concurrent_saves_in_processes(tmp_path):
+    """Separate processes (as CLI calls or API workers would be), each with its own store, half of
+    them racing for one label."""
+    import multiprocessing as mp
+
+    store = make_store(tmp_path)
+    sessions = [completed_session(store, tmp_path, seed=300 + i) for i in range(8)]
+    before = len(store.list_versions())
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    labels = [f"proc-{i}" if i % 2 else "proc-shared" for i in range(8)]
+    procs = [
+        ctx.Process(target=_save_in_process, args=(str(tmp_path), labels[i], sessions[i][0].id, queue))
+        for i in range(8)
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(30)
+    ok = [r for r in results if r[0] == "ok"]
+    errors = [r for r in results if r[0] == "error"]
+    assert sorted(r[2] for r in ok) == sorted(["proc-shared", "proc-1", "proc-3", "proc-5", "proc-7"]), (
+        results
+    )
+    assert len(errors) == 3 and all(e[1] == "FileExistsError" for e in errors), errors
+    assert len(store.list_versions()) == before + 5
+    manager = ModelManager(store, tmp_path / "cache")
+    for label in ("proc-1", "proc-3", "proc-5", "proc-7"):
+        i = int(label.split("-")[1])
+        mv = store.get_version(label)
+        assert mv.training_session_id == sessions[i][0].id
+        assert file_digests(manager.model_dir(label)[1]) == sessions[i][1]
+
+
+# -- InMemoryStore only ---------------------------------------------------------------------------
+def test_memory_store_has_every_store_method():
+    """Whatever kbtune calls on a store (the Protocol, MlflowStore's log_input), same parameters."""
+    from kbtune.tracking.mlflow_store import MlflowStore
+
+    def params(cls: type, name: str) -> list[tuple[str, Any]]:
+        return [(p.name, p.default) for p in inspect.signature(getattr(cls, name)).parameters.values()]
+
+    public = {n for cls in (SessionStore, MlflowStore) for n, v in vars(cls).items() if inspect.isfunction(v)}
+    public = {n for n in public if not n.startswith("_")}
+    assert {"log_input", "create_version", "download"} <= public
+    for name in sorted(public):
+        assert params(InMemoryStore, name) == params(MlflowStore, name), name
+
+
+def test_memory_store_keeps_everything_in_its_own_directory():
+    store = InMemoryStore()
+    root, session = store.artifact_root, store.create_session({"seed": 1})
+    error = "ValueError: " + "x" * 20000 + " END"  # no tag limit here: the record keeps it whole
+    assert store.update_session(session.id, status=SessionStatus.FAILED, error=error).error == error
+    store.log_text(session.id, "hello", "notes/a.txt")
+    assert store.artifact_uri(session.id, "notes") == f"memory://{session.id}/notes"
+    assert (root / session.id / "notes" / "a.txt").read_text() == "hello"
+    copy = store.download(f"memory://{session.id}/notes")  # no destination: a folder outside `root`
+    assert (copy / "a.txt").read_text() == "hello" and root not in copy.parents
+    store.log_input(session.id, "kb@1234", "1234", "/kb", {"documents": 3}, {"input_ids": "int32[64]"})
+    assert store.inputs(session.id)[0]["profile"] == {"documents": 3}
+
+    # Errors a caller can handle without knowing the store; aliases refused as MLflow refuses them.
+    unknown, version = "0" * 32, store.create_version(session.id, "/m", None, None)
+    calls = {NotFoundError: [lambda: store.log_metrics(unknown, {"a": 1.0}), lambda: store.set_tags(unknown, {}),
+                             lambda: store.create_version(unknown, "/m", None, None), lambda: store.set_alias("9", "c")],
+             FileNotFoundError: [lambda: store.read_text(session.id, "missing.txt")],
+             ValueError: [lambda: store.log_text(session.id, "x", "../escape.txt")]
+             + [lambda a=a: store.set_alias(version.id, a) for a in ("latest", "V2", "bad/alias", "")]}  # fmt: skip
+    for error_type, group in calls.items():
+        for call in group:
+            with pytest.raises(error_type):
+                call()
+    assert store.list_sessions() == [store.get_session(session.id)] and store.get_version("v1") == version
+    assert store.tracking_uri == "memory://" and not store.get_tags(session.id)
+    store.close()
+    assert not root.exists() and not copy.exists()
 
 
 def test_only_the_tracking_module_imports_mlflow():

@@ -46,7 +46,7 @@ def test_export_is_lazy(kb):
 
 
 def test_where_filter(kb):
-    odd = list(KnowledgeBase(kb._client, KBSettings(path=kb.settings.path, collection="paging", where={"group": "odd"})).iter_documents())
+    odd = list(kb.with_settings(collection="paging", where={"group": "odd"}).iter_documents())
     assert len(odd) == 47 and all(d.metadata["group"] == "odd" for d in odd)
 
 
@@ -63,7 +63,11 @@ def test_get_by_ids_keeps_order_and_skips_missing(kb):
 
 
 def test_settings_validation_lists_every_problem():
-    problems = KBSettings(backend="mongo", collection="x", page_size=0).validate()
+    from kbtune.configuration import parse
+
+    problems: list[str] = []
+    assert parse(KBSettings, {"backend": "mongo", "collection": "x", "page_size": 0}, "kb", problems) is None
+    problems += KBSettings(collection="x", page_size=0).validate()
     assert any(p.startswith("kb.backend") for p in problems)
     assert any(p.startswith("kb.collection") for p in problems)
     assert any(p.startswith("kb.page_size") for p in problems)

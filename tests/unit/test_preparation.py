@@ -34,9 +34,9 @@ def make_kb(tmp_path, docs: list[Document], name: str = "prep") -> KnowledgeBase
 
 
 def preparation(kb, tmp_path, **settings) -> DataPreparation:
-    s = DataSettings(cache_dir=str(tmp_path / "cache"), **{"block_size": 32, "val_fraction": 0.2, **settings})
+    s = DataSettings(**{"block_size": 32, "val_fraction": 0.2, **settings})
     spec = ModelSpec(name="t", vocab_size=300, max_position=64)
-    return DataPreparation(kb, s, TokenizerProvider(spec, tmp_path / "cache"))
+    return DataPreparation(kb, s, TokenizerProvider(spec, tmp_path / "cache"), tmp_path / "cache")
 
 
 # -- cleaning ------------------------------------------------------------------------------------

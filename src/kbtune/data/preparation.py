@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from kbtune.knowledge_base import KnowledgeBase
+from kbtune.settings_base import settings
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class DataError(ValueError):
     """The knowledge base or the data settings cannot produce a usable dataset."""
 
 
-@dataclass(frozen=True)
+@settings
 class DataSettings:
     block_size: int = 256
     val_fraction: float = 0.1
@@ -50,7 +51,6 @@ class DataSettings:
     # `qa` only: render question and answer with the tokenizer's chat template instead of `qa_prompt`.
     chat_template: bool = False
     batch_size: int = 8
-    cache_dir: str = "data/cache"
     tokenize_batch: int = 2000
 
     def validate(self) -> list[str]:
@@ -263,10 +263,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 class DataPreparation:
     """Prepares (or loads from cache) the train/val token blocks for one KB + settings + tokenizer."""
 
-    def __init__(self, kb: KnowledgeBase, settings: DataSettings, tokenizer_factory: TokenizerFactory):
+    def __init__(self, kb: KnowledgeBase, settings: DataSettings, tokenizer_factory: TokenizerFactory, cache_dir: Path):
         self.kb = kb
         self.settings = settings
         self.tokenizer_factory = tokenizer_factory
+        # paths.cache_dir: prepared datasets live under its datasets/ folder, keyed by content.
+        self.cache_dir = Path(cache_dir)
         self._result: PreparedData | None = None
 
     def prepare_dataset(self) -> PreparedData:
@@ -310,7 +312,7 @@ class DataPreparation:
         if tokenizer.eos_token_id is None:
             raise DataError("model: the tokenizer has no EOS token, which packing needs between documents")
         key = self._cache_key(docs, tokenizer)
-        directory = Path(s.cache_dir) / "datasets" / key
+        directory = self.cache_dir / "datasets" / key
         if (directory / "manifest.json").exists():
             prepared = self._load(directory, tokenizer)
             logger.info("prepared data loaded from cache %s in %.2fs", directory, time.perf_counter() - t0)

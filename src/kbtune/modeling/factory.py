@@ -7,9 +7,11 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from kbtune.settings_base import settings
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ class ModelError(ValueError):
     """A model directory or spec that cannot be used."""
 
 
-@dataclass(frozen=True)
+@settings
 class LoraSpec:
     r: int = 8
     alpha: int = 16
@@ -32,13 +34,14 @@ class LoraSpec:
     target_modules: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@settings
 class ModelSpec:
     """Everything needed to rebuild the model; saved in checkpoints as plain values."""
 
     name: str = "small"
     source: Literal["scratch", "local"] = "scratch"
-    architecture: Literal["llama", "gpt2"] = "llama"
+    # Built from scratch: llama or gpt2. A local model's saved spec records its config's model_type.
+    architecture: str = "llama"
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
@@ -85,6 +88,18 @@ class ModelSpec:
             if not 0.0 <= self.lora.dropout < 1.0:
                 p.append(f"model.lora.dropout: must be in [0, 1), got {self.lora.dropout}")
         return p
+
+    def describing(self, model: Any) -> ModelSpec:
+        """This spec with the sizes of the model it built: for a local checkpoint the spec's own size
+        fields are placeholders, and the saved spec must describe the actual model."""
+        if self.source != "local":
+            return self
+        config = model.config  # a peft model forwards to its base's config
+        read = {"architecture": "model_type", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                "n_embd": "hidden_size", "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
+                "max_position": "max_position_embeddings"}  # fmt: skip
+        found = {key: getattr(config, attr) for key, attr in read.items() if getattr(config, attr, None) is not None}
+        return replace(self, **found)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -13,14 +13,16 @@ import torch
 from torchmetrics import MeanMetric, SumMetric
 
 from kbtune.modeling.factory import ModelSpec, build_model
+from kbtune.modeling.loss import TokenStats, token_stats
 from kbtune.modeling.optim import OptimSettings, lr_lambda
 
 
 class CausalLMModule(pl.LightningModule):
     def __init__(self, model_spec: dict[str, Any], optim: dict[str, Any] | None = None):
         super().__init__()
-        # Plain dicts only: the checkpoint stays loadable with weights_only=True.
-        self.save_hyperparameters()
+        # Plain dicts only: the checkpoint stays loadable with weights_only=True. Not logged: the
+        # session's run already holds the full resolved config as params and an artifact.
+        self.save_hyperparameters(logger=False)
         self.spec = ModelSpec.from_dict(model_spec)
         self.optim = OptimSettings(**(optim or {}))
         self.model = build_model(self.spec)
@@ -32,30 +34,20 @@ class CausalLMModule(pl.LightningModule):
         self.val_correct = SumMetric()
         self.val_tokens = SumMetric()
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
-        return self.model(input_ids=input_ids, labels=labels)
-
-    @staticmethod
-    def _token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        target = labels[:, 1:]
-        mask = target != -100
-        correct = ((logits[:, :-1].argmax(-1) == target) & mask).sum()
-        return correct, mask.sum()
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> TokenStats:
+        return token_stats(self.model(input_ids=input_ids).logits, labels)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch["input_ids"], batch["labels"])
-        self.log("train/loss", out.loss, on_step=True, on_epoch=False, prog_bar=True)
-        if self._trainer is not None and self.trainer.lr_scheduler_configs:
-            self.log("train/lr", self.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0], on_step=True, on_epoch=False)
-        return out.loss
+        loss = self(batch["input_ids"], batch["labels"]).loss
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self(batch["input_ids"], batch["labels"])
-        correct, tokens = self._token_stats(out.logits, batch["labels"])
+        stats = self(batch["input_ids"], batch["labels"])
         # Weighted by predicted tokens, so val/loss is the per-token mean across the whole split.
-        self.val_loss.update(out.loss.detach().float(), weight=tokens)
-        self.val_correct.update(correct)
-        self.val_tokens.update(tokens)
+        self.val_loss.update(stats.loss.detach(), weight=stats.tokens)
+        self.val_correct.update(stats.correct)
+        self.val_tokens.update(stats.tokens)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -84,7 +76,8 @@ class CausalLMModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, warmup, total, o.min_lr_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # The name is the metric LearningRateMonitor logs.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     def _fused_ok(self) -> bool:
         single_or_ddp = type(self.trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy")

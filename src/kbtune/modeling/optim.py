@@ -4,10 +4,11 @@ or Lightning (the config validation and `kbtune --help` paths import this)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+from kbtune.settings_base import settings
 
 
-@dataclass(frozen=True)
+@settings
 class OptimSettings:
     learning_rate: float = 1e-3
     weight_decay: float = 0.1

@@ -291,6 +291,16 @@ class MlflowStore:
         base = self._run(session_id).info.artifact_uri
         return f"{base}/{artifact_path}" if artifact_path else base
 
+    def system_metrics(self, session_id: str, interval_s: float = 5.0) -> Any:
+        """Start sampling CPU, memory, disk (and GPU where present) into the session's run as
+        `system/...` metrics; the caller calls `.finish()` on what it returns."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(session_id, sampling_interval=interval_s, resume_logging=True,
+                                       tracking_uri=self.tracking_uri)  # fmt: skip
+        monitor.start()
+        return monitor
+
     def log_input(self, session_id: str, name: str, digest: str, source: str, profile: dict[str, Any], schema: dict[str, Any]) -> None:
         """Record the prepared data as the run's input dataset (shown in the MLflow UI)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
