@@ -178,9 +178,10 @@ def create_app(
     max_running: int = 1,
     local_model: str | None = None,
     allowed_hosts: list[str] | None = None,
+    control: Any = None,
 ) -> FastAPI:
     """The app over the store and sessions folder that `overrides` (the server's Hydra overrides)
-    select. `token`: require `Authorization: Bearer <token>` on every API route. `allowed_hosts`:
+    select (or `control`, a WorkerControl given directly, e.g. by tests). `token`: require `Authorization: Bearer <token>` on every API route. `allowed_hosts`:
     answer only requests for these Host names (a loopback server's guard against DNS rebinding)."""
     from kbtune.configuration import ConfigError
     from kbtune.knowledge_base import KnowledgeBaseError
@@ -188,9 +189,9 @@ def create_app(
     from kbtune.tracking.store import NotFoundError
     from kbtune.worker_control import SessionConflict, TrainingBusy
 
-    project = open_project(list(overrides or []))
-    store = project.store
-    control = project.control(max_running, as_defaults=True)
+    if control is None:
+        control = open_project(list(overrides or [])).control(max_running, as_defaults=True)
+    store = control.store
     local_model = str(Path(local_model).expanduser().resolve()) if local_model else None
 
     def require_token(request: Request) -> None:

@@ -108,7 +108,7 @@ class ModelEvaluation:
         docs = load_documents_for_split(kb, manifest, data, "val")
         return docs, data, manifest
 
-    def evaluate(self, version: str, settings: EvalSettings | None = None) -> dict[str, float]:
+    def evaluate(self, version: str, settings: EvalSettings | None = None, record: bool = True) -> dict[str, float]:
         from kbtune.model_manager import load_model_dir
         from kbtune.modeling.factory import ModelSpec, build_model
 
@@ -128,7 +128,8 @@ class ModelEvaluation:
             if "rougeL" in base:
                 results["eval/rougeL_gain"] = results["eval/rougeL"] - base["rougeL"]
         results["eval/documents"] = float(len(docs))
-        self.store.log_metrics(mv.training_session_id, results)
-        self.store.update_version_metrics(mv.id, results)
+        if record:
+            self.store.log_metrics(mv.training_session_id, results)
+            self.store.update_version_metrics(mv.id, results)
         logger.info("evaluated version %s on %d held-out documents (%s)", mv.version, len(docs), manifest["cache_key"])
         return results

@@ -10,7 +10,7 @@ from typing import Any
 from kbtune.configuration import ConfigError, load_session_plan, parse
 from kbtune.distributed import is_rank_zero
 from kbtune.hydra_entry import hydra_context, hydra_context_active
-from kbtune.project import Project
+from kbtune.project import Project, configure_logging
 from kbtune.run_identity import run_identity
 from kbtune.session_runner import SessionRunner, latest_resumable
 
@@ -24,6 +24,7 @@ _LOCATING_KEYS = ("paths.", "tracking", "hydra", "resume", "ckpt_path", "kb.path
 def train(cfg: Any) -> float | None:
     """The main job: validate, (first run) ingest the sample KB, prepare, train, register.
     Returns the monitored metric so a Hydra sweeper can optimise it."""
+    configure_logging()
     project = Project.from_config(cfg)
     plan = project.plan()
     if plan.trainer.strategy.startswith(("ddp", "fsdp", "deepspeed")) and not hydra_context_active():
@@ -76,6 +77,7 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     """`scripts/evaluate.py version=...`: score a version on its session's held-out documents."""
     from kbtune.evaluation import EvalSettings
 
+    configure_logging()
     project = Project.from_config(cfg)
     settings = evaluation_settings(project.config, EvalSettings)
     return project.service.evaluate_model(project.config["version"], settings)

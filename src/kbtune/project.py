@@ -27,7 +27,8 @@ ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 # Lightning's log lines that advertise products or report absent hardware: noise in every session log.
-_NOISE = ("litlogger", "litmodels", "Tip:", "TPU available", "HPU available", "GPU available: False")
+_NOISE = ("litlogger", "litmodels", "Tip:", "TPU available", "HPU available", "GPU available: False",
+          "was configured so", "Loading `train_dataloader` to estimate")
 
 
 def configure_environment(root: Path | None = None) -> None:
@@ -53,13 +54,14 @@ class _DropNoise(logging.Filter):
 
 
 def configure_logging(level: int = logging.INFO) -> None:
-    """For entry points only (importing kbtune configures nothing)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_DropNoise())
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+    """For entry points only (importing kbtune configures nothing). Under Hydra, whose job logging
+    already configured the handlers, this only quiets them."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("", "pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
         for handler in logging.getLogger(name).handlers:
-            handler.addFilter(_DropNoise())
+            if not any(isinstance(f, _DropNoise) for f in handler.filters):
+                handler.addFilter(_DropNoise())
     for name in ("httpx", "alembic", "chromadb.telemetry", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

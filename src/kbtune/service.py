@@ -216,11 +216,13 @@ class TrainingService:
         full.load_state_dict(state)
         return full
 
-    def evaluate_model(self, version: str, settings: Any = None) -> dict[str, float]:
+    def evaluate_model(self, version: str, settings: Any = None, record: bool = True) -> dict[str, float]:
+        """Score `version` on its session's held-out documents; `record`: store the figures on the
+        version and its session (a notebook that only looks passes False)."""
         from kbtune.evaluation import EvalSettings, ModelEvaluation
 
         evaluation = ModelEvaluation(self.kb, self.store, self.model_manager, self.cache_dir)
-        return evaluation.evaluate(version, settings or EvalSettings())
+        return evaluation.evaluate(version, settings or EvalSettings(), record=record)
 
     # -- helpers --------------------------------------------------------------------------------
     def _log_plots(self, session_id: str) -> None:

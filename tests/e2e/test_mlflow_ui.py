@@ -93,7 +93,7 @@ def test_both_runs_with_params_metrics_and_tags(runs):
     assert len(runs) == 2
     params = [{p["key"]: p["value"] for p in run["data"]["params"]} for run in runs]
     # Params are the flattened config, so the compare view lines the runs up key by key.
-    assert sorted(float(p["model.learning_rate"]) for p in params) == sorted(
+    assert sorted(float(p["optim.learning_rate"]) for p in params) == sorted(
         float(lr) for lr in LEARNING_RATES
     )
     assert all(p["model.name"] == "tiny" and p["data.block_size"] == "64" for p in params)

@@ -29,7 +29,7 @@ def multirun(root: Path, kb: dict[str, str], sweep: list[str]) -> subprocess.Com
 
 
 def test_a_two_value_sweep_gives_two_grouped_sessions(tmp_path, small_kb):
-    proc = multirun(tmp_path, small_kb, ["model.learning_rate=1e-3,3e-4"])
+    proc = multirun(tmp_path, small_kb, ["optim.learning_rate=1e-3,3e-4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = MlflowStore(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     sessions = store.list_sessions()
@@ -54,12 +54,12 @@ def test_a_two_value_sweep_gives_two_grouped_sessions(tmp_path, small_kb):
 
 
 def test_a_bad_value_in_a_sweep_stops_it_before_any_job(tmp_path, small_kb):
-    proc = multirun(tmp_path, small_kb, ["data.block_size=64,100000", "model.learning_rate=1e-3,3e-4"])
+    proc = multirun(tmp_path, small_kb, ["data.block_size=64,100000", "optim.learning_rate=1e-3,3e-4"])
     assert proc.returncode == 2
     # One error naming each bad combination and the key to change.
     for lr in ("0.001", "0.0003"):
         assert (
-            f"[data.block_size=100000 model.learning_rate={lr}] data.block_size: 100000 exceeds"
+            f"[data.block_size=100000 optim.learning_rate={lr}] data.block_size: 100000 exceeds"
             in proc.stderr
         )
     assert "[data.block_size=64" not in proc.stderr

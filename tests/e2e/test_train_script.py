@@ -108,3 +108,58 @@ def test_bad_input_stops_before_any_run_or_output_directory(python, project, ove
     assert not (root / "outputs").exists(), "Hydra output directory was created"
     assert not (root / "mlruns").exists(), "an MLflow store was created"
     assert not (root / "sessions").exists()
+
+
+@pytest.mark.slow
+def test_a_script_session_shows_progress_in_status_and_stops_with_kbtune_stop(tmp_path, small_kb, python):
+    """scripts/train.py runs the same session path as a worker: `kbtune status` reads its live
+    progress and `kbtune stop` ends it with a resumable checkpoint."""
+    import os
+    import signal
+    import sys
+    import time
+
+    locate = [f"paths.root={tmp_path}"]
+    overrides = [*locate, f"kb.path={small_kb['path']}", f"kb.collection={small_kb['collection']}", "model=tiny",
+                 "data.block_size=64", "trainer.max_epochs=200", "trainer.enable_progress_bar=false"]  # fmt: skip
+    proc = subprocess.Popen([python, str(REPO / "scripts" / "train.py"), *overrides], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+
+    def kbtune(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kbtune", *args, *locate], capture_output=True, text=True,
+                              timeout=120, cwd=REPO)  # fmt: skip
+
+    try:
+        deadline, status = time.monotonic() + 400, {}
+        while time.monotonic() < deadline:
+            out = kbtune("status", "--json")
+            if out.returncode == 0:
+                status = json.loads(out.stdout)
+                if (status.get("progress") or {}).get("step", 0) >= 3:
+                    break
+            time.sleep(2)
+        assert status.get("status") == "running" and status["worker_pid"] == proc.pid, status
+        assert status["progress"]["phase"] == "training" and status["progress"]["total_steps"] > 3
+        stop = kbtune("stop", status["id"], "--timeout", "120")
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    final = json.loads(kbtune("status", status["id"], "--json").stdout)
+    assert final["status"] == "stopped" and final["resumable"] and final["has_checkpoint"]
+    assert final["progress"]["phase"] == "stopped"
+
+
+@pytest.mark.slow
+def test_fast_dev_run_trains_one_batch_and_registers_nothing(tmp_path, small_kb, python):
+    from kbtune.tracking.mlflow_store import MlflowStore
+
+    overrides = [f"paths.root={tmp_path}", f"kb.path={small_kb['path']}", f"kb.collection={small_kb['collection']}",
+                 "model=tiny", "data.block_size=64", "trainer.fast_dev_run=true"]  # fmt: skip
+    proc = run_train(python, overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    store = MlflowStore(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (session,) = store.list_sessions()
+    assert session.status.value == "completed"
+    assert store.list_versions() == []

@@ -50,7 +50,7 @@ def lora_overrides(project: dict, kb_path: Path, model_dir: Path, *extra: str) -
     kept = [o for o in project["overrides"] if not o.startswith(("model=", "kb.", "trainer.max_epochs"))]
     return [
         *kept, f"kb.path={kb_path}", "kb.collection=tickets", "model=local",
-        f"model.path={model_dir}", "finetune=lora", "model.learning_rate=1e-2", "model.warmup_steps=5",
+        f"model.path={model_dir}", "finetune=lora", "optim.learning_rate=1e-2", "optim.warmup_steps=5",
         "trainer.max_epochs=3", *extra,
     ]  # fmt: skip
 

@@ -88,7 +88,7 @@ def test_success_completes_and_saves_a_version(env):
 
 
 def test_success_writes_checkpoints(env):
-    checkpoints = env["service"].session_dir(env["outcome"].session.id) / "checkpoints"
+    checkpoints = env["service"].layout.files(env["outcome"].session.id).checkpoints
     assert (checkpoints / "last.ckpt").is_file()
     best = list(checkpoints.glob("best-*.ckpt"))
     assert len(best) == 1 and best[0].stat().st_size > 0
