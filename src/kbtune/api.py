@@ -181,17 +181,12 @@ def create_app(
     control: Any = None,
 ) -> FastAPI:
     """The app over the store and sessions folder that `overrides` (the server's Hydra overrides)
-    select (or `control`, a WorkerControl given directly, e.g. by tests). `token`: require `Authorization: Bearer <token>` on every API route. `allowed_hosts`:
-    answer only requests for these Host names (a loopback server's guard against DNS rebinding)."""
-    from kbtune.configuration import ConfigError
-    from kbtune.knowledge_base import KnowledgeBaseError
+    select (or `control`, a WorkerControl given directly, e.g. by tests). `token`: require
+    `Authorization: Bearer <token>` on every API route. `allowed_hosts`: answer only requests for these Host names (a loopback server's guard against DNS rebinding)."""
     from kbtune.project import open_project
-    from kbtune.tracking.store import NotFoundError
-    from kbtune.worker_control import SessionConflict, TrainingBusy
 
     if control is None:
         control = open_project(list(overrides or [])).control(max_running, as_defaults=True)
-    store = control.store
     local_model = str(Path(local_model).expanduser().resolve()) if local_model else None
 
     def require_token(request: Request) -> None:
@@ -212,6 +207,17 @@ def create_app(
 
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
+    _add_error_handlers(app)
+    _add_training_routes(app, control, guarded, local_model)
+    _add_listing_routes(app, control, guarded, token)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Domain errors as HTTP answers: unknown session or version 404, busy or conflicting 409."""
+    from kbtune.tracking.store import NotFoundError
+    from kbtune.worker_control import SessionConflict, TrainingBusy
+
     @app.exception_handler(NotFoundError)
     def not_found(request: Request, exc: NotFoundError) -> JSONResponse:
         return JSONResponse(status_code=404, content={"detail": str(exc)})
@@ -226,17 +232,26 @@ def create_app(
     def session_conflict(request: Request, exc: SessionConflict) -> JSONResponse:
         return JSONResponse(status_code=409, content={"detail": str(exc)})
 
-    def session_id_ok(session_id: str | None) -> str | None:
-        if session_id is not None and not _SESSION_ID.match(session_id):
-            raise NotFoundError(f"training session {session_id!r} not found")
-        return session_id
+
+def _session_id_ok(session_id: str | None) -> str | None:
+    from kbtune.tracking.store import NotFoundError
+
+    if session_id is not None and not _SESSION_ID.match(session_id):
+        raise NotFoundError(f"training session {session_id!r} not found")
+    return session_id
+
+
+def _add_training_routes(app: FastAPI, control: Any, guarded: list[Any], local_model: str | None) -> None:
+    """The seed's three routes: start, status, stop."""
+    from kbtune.configuration import ConfigError
+    from kbtune.knowledge_base import KnowledgeBaseError
 
     @app.post("/training/start", status_code=201, dependencies=guarded)
     def start(request: StartRequest) -> Any:
         """Start a training in a worker process (or resume a stopped/failed session); returns the
         session with its progress. 409 while another training runs, 422 for invalid settings."""
         if request.resume is not None:
-            session = control.resume(session_id_ok(request.resume) or "")
+            session = control.resume(_session_id_ok(request.resume) or "")
             return control.describe(session)
         try:
             session = control.start(request.to_overrides(local_model), origin="api")
@@ -251,14 +266,19 @@ def create_app(
     @app.get("/training/status", dependencies=guarded)
     def status(session_id: str | None = None) -> Any:
         """The running session, else the most recent one (or `session_id`), with live progress."""
-        return control.status(session_id_ok(session_id))
+        return control.status(_session_id_ok(session_id))
 
     @app.post("/training/stop", dependencies=guarded)
     def stop(session_id: str | None = None) -> Any:
         """Ask the running session (or `session_id`) to stop after its current optimizer step, with a
         resumable checkpoint. Returns at once; the session reads `stopped` a moment later. A session
         that already ended is returned unchanged."""
-        return control.describe(control.stop(session_id_ok(session_id)))
+        return control.describe(control.stop(_session_id_ok(session_id)))
+
+
+def _add_listing_routes(app: FastAPI, control: Any, guarded: list[Any], token: str | None) -> None:
+    """Sessions, versions, health and the page."""
+    store = control.store
 
     @app.get("/training/sessions", dependencies=guarded)
     def sessions(
@@ -279,6 +299,4 @@ def create_app(
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
-
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
-    return app

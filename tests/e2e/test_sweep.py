@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from kbtune.records import SessionStatus
-from kbtune.tracking.mlflow_store import SWEEP_PARENT_TAG, MlflowStore
+from kbtune.tracking.mlflow_store import MlflowStore
+from kbtune.tracking.run_schema import SWEEP_PARENT_TAG
 from kbtune.tracking.store import SWEEP_TAG
 from tests.conftest import REPO
 

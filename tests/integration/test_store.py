@@ -581,7 +581,7 @@ def test_memory_store_keeps_everything_in_its_own_directory():
 def test_only_the_tracking_module_imports_mlflow():
     """MLflow's types stay in tracking/mlflow_store.py; pipeline.py (the composition root) builds the
     store and Lightning's MLflow logger."""
-    allowed = {SRC / "tracking" / "mlflow_store.py", SRC / "pipeline.py"}
+    allowed = {SRC / "tracking" / "mlflow_store.py", SRC / "project.py"}
     offenders = []
     for path in SRC.rglob("*.py"):
         for n, line in enumerate(path.read_text().splitlines(), 1):

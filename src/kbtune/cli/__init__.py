@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    _add_record_commands(sub, add)
+    _add_training_commands(add)
+    return parser
+
+
+def _add_record_commands(sub: Any, add: Any) -> None:
     kb = sub.add_parser("kb", help="knowledge-base commands").add_subparsers(dest="kb_command", required=True)
     ingest = kb.add_parser("ingest", help="ingest a folder of .md/.txt files into a Chroma collection")
     ingest.add_argument("path", help="folder to read recursively")
@@ -47,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("ui", cmd_ui, "open the MLflow UI on the project's store")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
+
+
+def _add_training_commands(add: Any) -> None:
     p = add("start", cmd_start, "start a training in a background worker (overrides as in scripts/train.py)")
     p.add_argument(
         "--resume", metavar="SESSION_ID", help="continue a stopped or failed session from its last checkpoint"
@@ -76,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--local-model", metavar="DIR", help="the model directory `model: local` requests train")
     p.add_argument("--access-log", action="store_true", help="log every request")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,21 +3,27 @@ tokenize, pack into blocks, and cache the result (Arrow) under a key derived fro
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from kbtune.data.dataset_cache import load_prepared, write_prepared
+from kbtune.data.tokens import (
+    concatenate,
+    pack,
+    tokenize_documents,
+    tokenizer_fingerprint,
+    tokenizer_parallelism,
+)
 from kbtune.knowledge_base import KnowledgeBase
 from kbtune.settings_base import settings
 
@@ -168,98 +174,6 @@ def format_document(s: DataSettings, doc: CleanDoc, drops: Counter) -> None:
     doc.prompt, doc.formatted = (rendered, answer) if s.format == "qa" else ("", rendered)
 
 
-def pack(sequences: Sequence[Sequence[int]], eos_id: int, block_size: int) -> tuple[np.ndarray, int]:
-    """Concatenate documents with EOS after each, cut into full blocks; returns (blocks, tail dropped)."""
-    lengths = np.fromiter((len(s) + 1 for s in sequences), dtype=np.int64, count=len(sequences))
-    flat = np.full(int(lengths.sum()), eos_id, dtype=np.int32)
-    ends = np.cumsum(lengths)
-    for seq, end, n in zip(sequences, ends, lengths, strict=True):
-        flat[end - n : end - 1] = seq
-    n_blocks = len(flat) // block_size
-    return flat[: n_blocks * block_size].reshape(n_blocks, block_size), len(flat) - n_blocks * block_size
-
-
-@contextlib.contextmanager
-def tokenizer_parallelism() -> Iterator[None]:
-    """Let the Rust tokenizer use every core while it trains or encodes here (~1.8x on 2 cores).
-    kbtune's entry points set TOKENIZERS_PARALLELISM=false so that nothing competes with training
-    steps for the cores; preparation runs before any step, and the library reads the variable at
-    every call, so it is switched on for these calls only and restored after."""
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
-
-
-def _concatenate(chunks: list[Any]) -> np.ndarray:
-    """np.concatenate that frees each part once copied: the peak is ~1x the total, not 2x."""
-    out = np.empty(sum(len(c) for c in chunks), dtype=np.int32)
-    pos = 0
-    for i, chunk in enumerate(chunks):
-        out[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-        chunks[i] = None
-    return out
-
-
-def chat_turns(docs: Sequence[CleanDoc], tokenizer: Any) -> tuple[list[str], list[str]]:
-    """(prompt, answer) texts in the tokenizer's chat template: the prompt is the user turn plus the
-    assistant header, the answer is the rest of the rendered conversation (with its end marker)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            "data.chat_template: the model's tokenizer has no chat template; set data.chat_template=false "
-            "to format with data.qa_prompt"
-        )
-    prompts, answers = [], []
-    for d in docs:
-        user = [{"role": "user", "content": str(d.metadata["question"]).strip()}]
-        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        answer = [{"role": "assistant", "content": d.formatted}]
-        full = tokenizer.apply_chat_template(user + answer, tokenize=False)
-        if not full.startswith(prompt):
-            raise DataError(
-                "data.chat_template: the tokenizer's chat template renders the user turn differently once an "
-                "answer follows, so the prompt cannot be masked; set data.chat_template=false"
-            )
-        prompts.append(prompt)
-        answers.append(full[len(prompt) :])
-    return prompts, answers
-
-
-def tokenize_documents(docs: Sequence[CleanDoc], tokenizer: Any, s: DataSettings) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids per document (Rust batch encoding); for `qa` also labels with the prompt masked."""
-    backend = tokenizer.backend_tokenizer
-    ids: list[list[int]] = []
-    labels: list[list[int]] = []
-    for start in range(0, len(docs), s.tokenize_batch):
-        part = docs[start : start + s.tokenize_batch]
-        prompt_texts, body_texts = [d.prompt for d in part], [d.formatted for d in part]
-        if s.format == "qa" and s.chat_template:
-            prompt_texts, body_texts = chat_turns(part, tokenizer)
-        bodies = [e.ids for e in backend.encode_batch(body_texts, add_special_tokens=False)]
-        if s.format == "qa":
-            prompts = [e.ids for e in backend.encode_batch(prompt_texts, add_special_tokens=False)]
-            for p, b in zip(prompts, bodies, strict=True):
-                ids.append(p + b)
-                # pack() appends EOS after each sequence; the label there stays EOS (learned).
-                labels.append([-100] * len(p) + b)
-        else:
-            ids.extend(bodies)
-    return ids, labels
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    payload = tokenizer.backend_tokenizer.to_str() + json.dumps(
-        {"eos": tokenizer.eos_token_id, "cls": type(tokenizer).__name__}, sort_keys=True
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
 class DataPreparation:
     """Prepares (or loads from cache) the train/val token blocks for one KB + settings + tokenizer."""
 
@@ -314,10 +228,40 @@ class DataPreparation:
         key = self._cache_key(docs, tokenizer)
         directory = self.cache_dir / "datasets" / key
         if (directory / "manifest.json").exists():
-            prepared = self._load(directory, tokenizer)
+            out, manifest = load_prepared(directory)
+            prepared = PreparedData(out["train"], out["val"], out["train_labels"], out["val_labels"], tokenizer,
+                                    manifest, directory, cached=True)  # fmt: skip
             logger.info("prepared data loaded from cache %s in %.2fs", directory, time.perf_counter() - t0)
             return prepared
 
+        arrays, counts = self._blocks(train_docs, val_docs, tokenizer)
+        manifest = {
+            "kbtune_preparation_version": PREPARATION_VERSION,
+            "cache_key": key,
+            "collection": self.kb.collection_name,
+            "kb": self.kb.settings.describe(),
+            "where": self.kb.settings.where,
+            "settings": s.fingerprint_fields(),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "document_count": len(docs),
+            "drops": dict(sorted(drops.items())),
+            "splits": counts,
+            "documents": [{"id": d.id, "sha256": d.sha256, "split": d.split} for d in docs],
+        }
+        write_prepared(directory, arrays, manifest)
+        logger.info(
+            "prepared %d train / %d val documents -> %d / %d blocks of %d tokens in %.2fs (cache %s)",
+            len(train_docs), len(val_docs), counts["train"]["blocks"], counts["val"]["blocks"],
+            s.block_size, time.perf_counter() - t0, directory,
+        )
+        return PreparedData(
+            arrays["train"], arrays["val"], arrays["train_labels"], arrays["val_labels"],
+            tokenizer, manifest, directory, cached=False,
+        )  # fmt: skip
+
+    def _blocks(self, train_docs: list[CleanDoc], val_docs: list[CleanDoc], tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Each split tokenized and packed into whole blocks (the tail shorter than a block is dropped)."""
+        s = self.settings
         arrays: dict[str, np.ndarray | None] = {}
         counts: dict[str, Any] = {}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
@@ -339,29 +283,7 @@ class DataPreparation:
                     f"data.block_size: the {split} split has {counts[split]['tokens']} tokens, fewer than one "
                     f"block of {s.block_size}; lower data.block_size or add documents to {self.kb.settings.describe()}"
                 )
-        manifest = {
-            "kbtune_preparation_version": PREPARATION_VERSION,
-            "cache_key": key,
-            "collection": self.kb.collection_name,
-            "kb": self.kb.settings.describe(),
-            "where": self.kb.settings.where,
-            "settings": s.fingerprint_fields(),
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "document_count": len(docs),
-            "drops": dict(sorted(drops.items())),
-            "splits": counts,
-            "documents": [{"id": d.id, "sha256": d.sha256, "split": d.split} for d in docs],
-        }
-        self._write(directory, arrays, manifest)
-        logger.info(
-            "prepared %d train / %d val documents -> %d / %d blocks of %d tokens in %.2fs (cache %s)",
-            len(train_docs), len(val_docs), counts["train"]["blocks"], counts["val"]["blocks"],
-            s.block_size, time.perf_counter() - t0, directory,
-        )
-        return PreparedData(
-            arrays["train"], arrays["val"], arrays["train_labels"], arrays["val_labels"],
-            tokenizer, manifest, directory, cached=False,
-        )  # fmt: skip
+        return arrays, counts
 
     def _token_stream(self, docs: list[CleanDoc], tokenizer: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """A split's tokens laid out as pack() lays them (EOS after each document) in one int32 array,
@@ -381,7 +303,7 @@ class DataPreparation:
                 label_chunks.append(pack(labels, eos, 1)[0].reshape(-1))
             for d in part:
                 d.text = d.formatted = d.prompt = ""
-        return _concatenate(chunks), (_concatenate(label_chunks) if label_chunks else None)
+        return concatenate(chunks), (concatenate(label_chunks) if label_chunks else None)
 
     def _cache_key(self, docs: list[CleanDoc], tokenizer: Any) -> str:
         h = hashlib.sha256()
@@ -393,58 +315,6 @@ class DataPreparation:
             h.update(f"{d.id}\0{d.split}\0{d.sha256}\0".encode())
             h.update(hashlib.sha256((d.prompt + "\0" + d.formatted).encode()).digest())
         return h.hexdigest()[:24]
-
-    @staticmethod
-    def _write(directory: Path, arrays: dict[str, np.ndarray | None], manifest: dict[str, Any]) -> None:
-        import datasets
-        import pyarrow as pa
-
-        datasets.disable_progress_bars()  # one bar per split for a sub-second write is noise
-        tmp = directory.with_name(directory.name + f".tmp{time.time_ns()}")
-        for split in ("train", "val"):
-            columns = {"input_ids": arrays[split]}
-            if arrays[f"{split}_labels"] is not None:
-                columns["labels"] = arrays[f"{split}_labels"]
-            table = pa.table(
-                {
-                    name: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.int32()), a.shape[1])
-                    for name, a in columns.items()
-                }
-            )
-            # An explicit fingerprint: without one, datasets pickles and hashes the whole table to make
-            # one (4x the table's memory at peak, ~0.3 s per 65k blocks).
-            datasets.Dataset(table, fingerprint=f"kbtune-{directory.name}-{split}").save_to_disk(str(tmp / split))
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=1)  # streamed: one string of a 100k-document manifest peaks at ~90 MB
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.rename(directory)  # atomic: a half-written cache is never visible under its key
-        except OSError:
-            if not (directory / "manifest.json").exists():
-                raise
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same key first
-
-    @staticmethod
-    def _load(directory: Path, tokenizer: Any) -> PreparedData:
-        import datasets
-
-        def blocks(table: Any, name: str) -> np.ndarray:
-            # Straight from the memory-mapped Arrow column: going through the Dataset's numpy
-            # formatting converts row by row (~10 s for 36k blocks).
-            column = table.column(name).combine_chunks()
-            return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
-
-        out: dict[str, np.ndarray | None] = {}
-        for split in ("train", "val"):
-            table = datasets.load_from_disk(str(directory / split)).data
-            out[split] = blocks(table, "input_ids").astype(np.int32)
-            out[f"{split}_labels"] = blocks(table, "labels").astype(np.int64) if "labels" in table.column_names else None
-        manifest = json.loads((directory / "manifest.json").read_text())
-        return PreparedData(
-            out["train"], out["val"], out["train_labels"], out["val_labels"], tokenizer, manifest, directory, cached=True
-        )
 
 
 def load_documents_for_split(kb: KnowledgeBase, manifest: dict[str, Any], settings: DataSettings, split: str = "val") -> list[CleanDoc]:

@@ -16,51 +16,10 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from kbtune.records import ModelVersion, SessionStatus, TrainingSession
+from kbtune.tracking import run_schema as rs
 from kbtune.tracking.store import SWEEP_TAG, NotFoundError
 
 logger = logging.getLogger(__name__)
-
-STATUS_TAG = "kbtune.status"
-ERROR_TAG = "kbtune.error"
-COMPLETED_TAG = "kbtune.completed_at"
-LABEL_TAG = "kbtune.label"
-METRICS_TAG = "kbtune.metrics"
-CONFIG_ARTIFACT = "kbtune/config.json"
-ERROR_ARTIFACT = "kbtune/error.txt"
-GIT_COMMIT_TAG = "kbtune.git_commit"
-# Marks the run that groups a sweep's sessions (value: the sweep id); it is not a session itself.
-SWEEP_PARENT_TAG = "kbtune.sweep_parent"
-# MLflow's own tags the UI reads: nesting under a parent run, and the source commit on the run page.
-_PARENT_RUN_TAG = "mlflow.parentRunId"
-_GIT_COMMIT_UI_TAG = "mlflow.source.git.commit"
-
-# How MLflow's own run status mirrors ours, so the MLflow UI tells the same story.
-_RUN_STATUS = {
-    SessionStatus.PENDING: "SCHEDULED",
-    SessionStatus.RUNNING: "RUNNING",
-    SessionStatus.COMPLETED: "FINISHED",
-    SessionStatus.FAILED: "FAILED",
-    SessionStatus.STOPPED: "KILLED",
-}
-_FROM_RUN_STATUS = {v: k for k, v in _RUN_STATUS.items()}
-
-
-def _dt(ms: int | None) -> datetime | None:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {"a.b.c": "value"}; long values are truncated (the full config is an artifact)."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-            out[name] = text if len(text) <= 500 else text[:480] + "...(truncated)"
-    return out
-
 
 class MlflowStore:
     def __init__(
@@ -117,18 +76,18 @@ class MlflowStore:
     ) -> TrainingSession:
         from mlflow.entities import Param
 
-        tags = {**(tags or {}), STATUS_TAG: SessionStatus.PENDING.value}
-        if GIT_COMMIT_TAG in tags:
-            tags[_GIT_COMMIT_UI_TAG] = tags[GIT_COMMIT_TAG]
+        tags = {**(tags or {}), rs.STATUS_TAG: SessionStatus.PENDING.value}
+        if rs.GIT_COMMIT_TAG in tags:
+            tags[rs._GIT_COMMIT_UI_TAG] = tags[rs.GIT_COMMIT_TAG]
         parent = self._sweep_run(tags[SWEEP_TAG]) if tags.get(SWEEP_TAG) else None
         if parent is not None:
-            tags[_PARENT_RUN_TAG] = parent
+            tags[rs._PARENT_RUN_TAG] = parent
             self.client.update_run(parent, status="RUNNING")
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
-        self.client.update_run(run_id, status=_RUN_STATUS[SessionStatus.PENDING])
-        self.client.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), CONFIG_ARTIFACT)
-        params = [Param(k, v) for k, v in flatten(config).items()]
+        self.client.update_run(run_id, status=rs._RUN_STATUS[SessionStatus.PENDING])
+        self.client.log_text(run_id, json.dumps(config, indent=2, sort_keys=True), rs.CONFIG_ARTIFACT)
+        params = [Param(k, v) for k, v in rs.flatten(config).items()]
         for start in range(0, len(params), 100):
             self.client.log_batch(run_id, params=params[start : start + 100])
         logger.info("session %s created (run %r in experiment %r)", run_id, run.info.run_name, self.experiment_name)
@@ -139,7 +98,7 @@ class MlflowStore:
         Two jobs starting at once may both create it: the oldest is kept and the other deleted."""
         if "'" in sweep:  # cannot be quoted in a search filter; the sessions still share the sweep tag
             return None
-        query = f"tags.`{SWEEP_PARENT_TAG}` = '{sweep}'"
+        query = f"tags.`{rs.SWEEP_PARENT_TAG}` = '{sweep}'"
 
         def oldest() -> Any:
             found = self.client.search_runs(
@@ -151,7 +110,7 @@ class MlflowStore:
         if existing is not None:
             return existing.info.run_id
         name = "sweep " + "/".join(Path(sweep).parts[-2:])
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={SWEEP_TAG: sweep, SWEEP_PARENT_TAG: sweep})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={SWEEP_TAG: sweep, rs.SWEEP_PARENT_TAG: sweep})
         winner = oldest()
         if winner.info.run_id != run.info.run_id:
             self.client.delete_run(run.info.run_id)
@@ -182,27 +141,27 @@ class MlflowStore:
 
     def _session(self, run: Any) -> TrainingSession:
         tags = run.data.tags
-        status = SessionStatus(tags[STATUS_TAG]) if STATUS_TAG in tags else _FROM_RUN_STATUS.get(run.info.status, SessionStatus.FAILED)
+        status = SessionStatus(tags[rs.STATUS_TAG]) if rs.STATUS_TAG in tags else rs._FROM_RUN_STATUS.get(run.info.status, SessionStatus.FAILED)
         try:
-            config = json.loads(self._load_text(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}"))
+            config = json.loads(self._load_text(f"{run.info.artifact_uri}/{rs.CONFIG_ARTIFACT}"))
         except Exception:  # a run not created by kbtune, or its artifact not written yet
             config = {}
-        completed = tags.get(COMPLETED_TAG)
+        completed = tags.get(rs.COMPLETED_TAG)
         return TrainingSession(
             id=run.info.run_id,
             status=status,
             config=config,
             metrics=dict(run.data.metrics) or None,
-            started_at=_dt(run.info.start_time),
+            started_at=rs._dt(run.info.start_time),
             completed_at=datetime.fromisoformat(completed) if completed else None,
-            error=tags.get(ERROR_TAG) or None,  # "" is how a resumed session's old error is cleared
+            error=tags.get(rs.ERROR_TAG) or None,  # "" is how a resumed session's old error is cleared
         )
 
     def get_session(self, session_id: str) -> TrainingSession:
         return self._session(self._run(session_id))
 
     def list_sessions(self, status: SessionStatus | None = None, limit: int = 1000) -> list[TrainingSession]:
-        query = f"tags.`{STATUS_TAG}` = '{SessionStatus(status).value}'" if status else ""
+        query = f"tags.`{rs.STATUS_TAG}` = '{SessionStatus(status).value}'" if status else ""
         runs: list[Any] = []
         token = None
         while len(runs) < limit:
@@ -215,7 +174,7 @@ class MlflowStore:
             if not token:
                 break
         # Only kbtune's own runs (e.g. not a Hydra sweep's parent run) are sessions.
-        return [self._session(r) for r in runs if STATUS_TAG in r.data.tags]
+        return [self._session(r) for r in runs if rs.STATUS_TAG in r.data.tags]
 
     def update_session(
         self,
@@ -230,24 +189,24 @@ class MlflowStore:
         tags: dict[str, str] = {}
         if error is not None:
             if len(error) > MAX_TAG_VAL_LENGTH:
-                self.client.log_text(session_id, error, ERROR_ARTIFACT)
-                error = error[: MAX_TAG_VAL_LENGTH - 60] + f"\n...(truncated; full text in {ERROR_ARTIFACT})"
-            tags[ERROR_TAG] = error
+                self.client.log_text(session_id, error, rs.ERROR_ARTIFACT)
+                error = error[: MAX_TAG_VAL_LENGTH - 60] + f"\n...(truncated; full text in {rs.ERROR_ARTIFACT})"
+            tags[rs.ERROR_TAG] = error
         if completed_at is not None:
-            tags[COMPLETED_TAG] = completed_at.isoformat()
+            tags[rs.COMPLETED_TAG] = completed_at.isoformat()
         if status is not None:
-            tags[STATUS_TAG] = SessionStatus(status).value
+            tags[rs.STATUS_TAG] = SessionStatus(status).value
         self.set_tags(session_id, tags)
         if status is not None:
             status = SessionStatus(status)
             if status.is_terminal:
                 end = int((completed_at or datetime.now(timezone.utc)).timestamp() * 1000)
-                self.client.set_terminated(session_id, status=_RUN_STATUS[status], end_time=end)
-                parent = run.data.tags.get(_PARENT_RUN_TAG)
+                self.client.set_terminated(session_id, status=rs._RUN_STATUS[status], end_time=end)
+                parent = run.data.tags.get(rs._PARENT_RUN_TAG)
                 if parent:  # the sweep is idle until its next session starts
                     self.client.set_terminated(parent, status="FINISHED", end_time=end)
             else:
-                self.client.update_run(session_id, status=_RUN_STATUS[status])
+                self.client.update_run(session_id, status=rs._RUN_STATUS[status])
         return self.get_session(session_id)
 
     def log_metrics(self, session_id: str, metrics: dict[str, float], step: int | None = None) -> None:
@@ -318,10 +277,10 @@ class MlflowStore:
         aliases = aliases if aliases is not None else self._aliases()
         return ModelVersion(
             id=str(number),
-            version=tags.get(LABEL_TAG) or f"v{number}",
+            version=tags.get(rs.LABEL_TAG) or f"v{number}",
             training_session_id=mv.run_id,
-            metrics=json.loads(tags[METRICS_TAG]) if METRICS_TAG in tags else None,
-            created_at=_dt(mv.creation_timestamp),
+            metrics=json.loads(tags[rs.METRICS_TAG]) if rs.METRICS_TAG in tags else None,
+            created_at=rs._dt(mv.creation_timestamp),
             source=mv.source,
             aliases=tuple(sorted(a for a, n in aliases.items() if n == number)),
         )
@@ -355,22 +314,22 @@ class MlflowStore:
         allocated atomically, so of two versions racing for one label the lower number keeps it and
         the other is deleted again (lock-free, and works the same over REST)."""
         self._ensure_registered_model()
-        tags = {LABEL_TAG: label or ""}
+        tags = {rs.LABEL_TAG: label or ""}
         if metrics:
-            tags[METRICS_TAG] = json.dumps(metrics, sort_keys=True)
+            tags[rs.METRICS_TAG] = json.dumps(metrics, sort_keys=True)
         mv = self.client.create_model_version(self.registered_model, source=source, run_id=session_id, tags=tags)
         number = int(mv.version)
         if label:
             rivals = [
                 int(o.version)
                 for o in self._all_versions()
-                if (o.tags or {}).get(LABEL_TAG) == label and int(o.version) != number
+                if (o.tags or {}).get(rs.LABEL_TAG) == label and int(o.version) != number
             ]
             if any(n < number for n in rivals):
                 self.client.delete_model_version(self.registered_model, str(number))
                 raise FileExistsError(f"model version label {label!r} already exists (version {min(rivals)})")
         else:
-            self.client.set_model_version_tag(self.registered_model, str(number), LABEL_TAG, f"v{number}")
+            self.client.set_model_version_tag(self.registered_model, str(number), rs.LABEL_TAG, f"v{number}")
         return self.get_version(str(number))
 
     def get_version(self, ref: str) -> ModelVersion:
@@ -388,7 +347,7 @@ class MlflowStore:
             number = int(ref)
         else:
             for mv in versions:
-                if ((mv.tags or {}).get(LABEL_TAG) or f"v{mv.version}") == ref:
+                if ((mv.tags or {}).get(rs.LABEL_TAG) or f"v{mv.version}") == ref:
                     number = int(mv.version)
                     break
         match = next((mv for mv in versions if int(mv.version) == number), None)
@@ -408,7 +367,7 @@ class MlflowStore:
     def update_version_metrics(self, version_id: str, metrics: dict[str, float]) -> ModelVersion:
         current = self.get_version(version_id)
         merged = {**(current.metrics or {}), **metrics}
-        self.client.set_model_version_tag(self.registered_model, current.id, METRICS_TAG, json.dumps(merged, sort_keys=True))
+        self.client.set_model_version_tag(self.registered_model, current.id, rs.METRICS_TAG, json.dumps(merged, sort_keys=True))
         return self.get_version(current.id)
 
     def set_alias(self, version_id: str, alias: str) -> None:

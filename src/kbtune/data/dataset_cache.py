@@ -1,0 +1,65 @@
+"""The prepared-data cache: token blocks as Arrow tables (memory-mapped on load) plus the manifest,
+written atomically under a key of everything that produced them, so a half-written cache is never
+visible and a rerun with the same inputs loads instead of preparing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def write_prepared(directory: Path, arrays: dict[str, np.ndarray | None], manifest: dict[str, Any]) -> None:
+    import datasets
+    import pyarrow as pa
+
+    datasets.disable_progress_bars()  # one bar per split for a sub-second write is noise
+    tmp = directory.with_name(directory.name + f".tmp{time.time_ns()}")
+    for split in ("train", "val"):
+        columns = {"input_ids": arrays[split]}
+        if arrays[f"{split}_labels"] is not None:
+            columns["labels"] = arrays[f"{split}_labels"]
+        table = pa.table(
+            {
+                name: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.int32()), a.shape[1])
+                for name, a in columns.items()
+            }
+        )
+        # An explicit fingerprint: without one, datasets pickles and hashes the whole table to make
+        # one (4x the table's memory at peak, ~0.3 s per 65k blocks).
+        datasets.Dataset(table, fingerprint=f"kbtune-{directory.name}-{split}").save_to_disk(str(tmp / split))
+    with open(tmp / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=1)  # streamed: one string of a 100k-document manifest peaks at ~90 MB
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(directory)  # atomic: a half-written cache is never visible under its key
+    except OSError:
+        if not (directory / "manifest.json").exists():
+            raise
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # another process wrote the same key first
+
+
+def load_prepared(directory: Path) -> tuple[dict[str, np.ndarray | None], dict[str, Any]]:
+    """(arrays by split, manifest) of a cache entry written by write_prepared."""
+    import datasets
+
+    def blocks(table: Any, name: str) -> np.ndarray:
+        # Straight from the memory-mapped Arrow column: going through the Dataset's numpy
+        # formatting converts row by row (~10 s for 36k blocks).
+        column = table.column(name).combine_chunks()
+        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+
+    out: dict[str, np.ndarray | None] = {}
+    for split in ("train", "val"):
+        table = datasets.load_from_disk(str(directory / split)).data
+        out[split] = blocks(table, "input_ids").astype(np.int32)
+        out[f"{split}_labels"] = (
+            blocks(table, "labels").astype(np.int64) if "labels" in table.column_names else None
+        )
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return out, manifest

@@ -1,0 +1,112 @@
+"""Formatted documents into tokens: batch tokenization (plain text, prompt/answer with the loss on the
+answer, or a model's chat template) and packing into fixed-size blocks with EOS between documents."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from kbtune.data.preparation import CleanDoc, DataSettings
+
+
+def pack(sequences: Sequence[Sequence[int]], eos_id: int, block_size: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents with EOS after each, cut into full blocks; returns (blocks, tail dropped)."""
+    lengths = np.fromiter((len(s) + 1 for s in sequences), dtype=np.int64, count=len(sequences))
+    flat = np.full(int(lengths.sum()), eos_id, dtype=np.int32)
+    ends = np.cumsum(lengths)
+    for seq, end, n in zip(sequences, ends, lengths, strict=True):
+        flat[end - n : end - 1] = seq
+    n_blocks = len(flat) // block_size
+    return flat[: n_blocks * block_size].reshape(n_blocks, block_size), len(flat) - n_blocks * block_size
+
+
+@contextlib.contextmanager
+def tokenizer_parallelism() -> Iterator[None]:
+    """Let the Rust tokenizer use every core while it trains or encodes here (~1.8x on 2 cores).
+    kbtune's entry points set TOKENIZERS_PARALLELISM=false so that nothing competes with training
+    steps for the cores; preparation runs before any step, and the library reads the variable at
+    every call, so it is switched on for these calls only and restored after."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def concatenate(chunks: list[Any]) -> np.ndarray:
+    """np.concatenate that frees each part once copied: the peak is ~1x the total, not 2x."""
+    out = np.empty(sum(len(c) for c in chunks), dtype=np.int32)
+    pos = 0
+    for i, chunk in enumerate(chunks):
+        out[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+        chunks[i] = None
+    return out
+
+
+def chat_turns(docs: Sequence[CleanDoc], tokenizer: Any) -> tuple[list[str], list[str]]:
+    """(prompt, answer) texts in the tokenizer's chat template: the prompt is the user turn plus the
+    assistant header, the answer is the rest of the rendered conversation (with its end marker)."""
+    if not getattr(tokenizer, "chat_template", None):
+        from kbtune.data.preparation import DataError
+
+        raise DataError(
+            "data.chat_template: the model's tokenizer has no chat template; set data.chat_template=false "
+            "to format with data.qa_prompt"
+        )
+    prompts, answers = [], []
+    for d in docs:
+        user = [{"role": "user", "content": str(d.metadata["question"]).strip()}]
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        answer = [{"role": "assistant", "content": d.formatted}]
+        full = tokenizer.apply_chat_template(user + answer, tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError(
+                "data.chat_template: the tokenizer's chat template renders the user turn differently once an "
+                "answer follows, so the prompt cannot be masked; set data.chat_template=false"
+            )
+        prompts.append(prompt)
+        answers.append(full[len(prompt) :])
+    return prompts, answers
+
+
+def tokenize_documents(
+    docs: Sequence[CleanDoc], tokenizer: Any, s: DataSettings
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids per document (Rust batch encoding); for `qa` also labels with the prompt masked."""
+    backend = tokenizer.backend_tokenizer
+    ids: list[list[int]] = []
+    labels: list[list[int]] = []
+    for start in range(0, len(docs), s.tokenize_batch):
+        part = docs[start : start + s.tokenize_batch]
+        prompt_texts, body_texts = [d.prompt for d in part], [d.formatted for d in part]
+        if s.format == "qa" and s.chat_template:
+            prompt_texts, body_texts = chat_turns(part, tokenizer)
+        bodies = [e.ids for e in backend.encode_batch(body_texts, add_special_tokens=False)]
+        if s.format == "qa":
+            prompts = [e.ids for e in backend.encode_batch(prompt_texts, add_special_tokens=False)]
+            for p, b in zip(prompts, bodies, strict=True):
+                ids.append(p + b)
+                # pack() appends EOS after each sequence; the label there stays EOS (learned).
+                labels.append([-100] * len(p) + b)
+        else:
+            ids.extend(bodies)
+    return ids, labels
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    payload = tokenizer.backend_tokenizer.to_str() + json.dumps(
+        {"eos": tokenizer.eos_token_id, "cls": type(tokenizer).__name__}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
