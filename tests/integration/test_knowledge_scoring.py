@@ -116,7 +116,7 @@ def test_token_nll_masks_and_matches_cross_entropy():
     logits = torch.randn(2, 5, 11)
     labels = torch.randint(0, 11, (2, 5))
     labels[0, :3] = -100
-    nll = token_nll(logits, labels)
+    nll, _ = token_nll(logits, labels)
     assert nll.shape == (2, 4) and torch.all(nll[0, :2] == 0)
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
     assert (nll.sum() / (labels[:, 1:] != -100).sum()).item() == pytest.approx(expected.item(), rel=1e-6)

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from kbtune.settings_base import settings
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
@@ -66,7 +68,7 @@ class Probe:
     distractors: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@settings
 class ProbeSettings:
     max_per_document: int = 3
     # Cap over the whole set; the splits share it equally so the held-out rate is as precise as the trained one.

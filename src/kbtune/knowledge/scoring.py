@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kbtune.knowledge.probes import Probe
+from kbtune.modeling.loss import token_nll
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +116,6 @@ def greedy_continuations(
     return out
 
 
-def token_nll(logits: Any, labels: Any) -> Any:
-    """Per-token negative log-likelihood, [batch, seq - 1]: logits at t predict labels at t + 1 (labels
-    aligned with the inputs, as in transformers); labels of -100 give 0 (count them out with `labels != -100`)."""
-    import torch
-
-    target = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), target.clamp(min=0), reduction="none"
-    )
-    return nll * (target != -100)
-
-
 def _sequence_nll(
     model: Any, sequences: Sequence[tuple[list[int], int]], batch_size: int
 ) -> list[tuple[float, int]]:
@@ -150,7 +139,7 @@ def _sequence_nll(
                 labels[row, context : len(seq)] = torch.as_tensor(seq[context:], dtype=torch.long)
                 mask[row, : len(seq)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            nll = token_nll(logits, labels.to(device)).sum(dim=1).tolist()
+            nll = token_nll(logits, labels.to(device))[0].sum(dim=1).tolist()
             counts = (labels[:, 1:] != -100).sum(dim=1).tolist()
             for row, i in enumerate(chunk):
                 out[i] = (nll[row], counts[row])
