@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/run.py [--quick] [--only training,data,startup,e2e] [--out PATH]
 
-Sections: training (kbtune vs a plain PyTorch loop vs transformers.Trainer; MFU), data (preparation
+Sections: training (kbtune vs a plain PyTorch loop vs transformers.Trainer; MFU), knowledge (the fact-probe
+evaluation vs the training it follows), data (preparation
 vs the raw limit, cached rerun, peak RSS), startup (`kbtune --help`, first optimizer step vs bare
 imports), e2e (3 epochs of model=small on the sample KB). Within a section the variants run
 interleaved and each figure is a median with min..max and its ratio to the baseline. `--quick` runs
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import harness
 
-SECTIONS = {"training": "training", "data": "data_prep", "startup": "startup", "e2e": "e2e"}
+SECTIONS = {"training": "training", "data": "data_prep", "startup": "startup", "e2e": "e2e", "knowledge": "knowledge"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

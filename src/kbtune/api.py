@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 import re
 from pathlib import Path
@@ -149,6 +150,14 @@ class StartRequest(BaseModel):
         return [*out, *self.overrides]
 
 
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    alias: str = Field("champion", max_length=100)
+    max_forgetting: float = Field(0.05, ge=0, le=10, allow_inf_nan=False)
+    force: bool = False
+
+
 class ConfigErrorOnField(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
@@ -179,14 +188,17 @@ def create_app(
     local_model: str | None = None,
     allowed_hosts: list[str] | None = None,
     control: Any = None,
+    promotion: Any = None,
 ) -> FastAPI:
     """The app over the store and sessions folder that `overrides` (the server's Hydra overrides)
     select (or `control`, a WorkerControl given directly, e.g. by tests). `token`: require
     `Authorization: Bearer <token>` on every API route. `allowed_hosts`: answer only requests for these Host names (a loopback server's guard against DNS rebinding)."""
     from kbtune.project import open_project
 
+    project = None
     if control is None:
-        control = open_project(list(overrides or [])).control(max_running, as_defaults=True)
+        project = open_project(list(overrides or []))
+        control = project.control(max_running, as_defaults=True)
     local_model = str(Path(local_model).expanduser().resolve()) if local_model else None
 
     def require_token(request: Request) -> None:
@@ -209,7 +221,7 @@ def create_app(
 
     _add_error_handlers(app)
     _add_training_routes(app, control, guarded, local_model)
-    _add_listing_routes(app, control, guarded, token)
+    _add_listing_routes(app, control, guarded, token, promotion or (project.promotion if project else None))
     return app
 
 
@@ -276,8 +288,8 @@ def _add_training_routes(app: FastAPI, control: Any, guarded: list[Any], local_m
         return control.describe(control.stop(_session_id_ok(session_id)))
 
 
-def _add_listing_routes(app: FastAPI, control: Any, guarded: list[Any], token: str | None) -> None:
-    """Sessions, versions, health and the page."""
+def _add_listing_routes(app: FastAPI, control: Any, guarded: list[Any], token: str | None, promotion: Any) -> None:
+    """Sessions, versions (their knowledge, gated promotion), health and the page."""
     store = control.store
 
     @app.get("/training/sessions", dependencies=guarded)
@@ -291,6 +303,36 @@ def _add_listing_routes(app: FastAPI, control: Any, guarded: list[Any], token: s
     @app.get("/models/versions", dependencies=guarded)
     def versions() -> Any:
         return [v.to_dict() for v in store.list_versions()]
+
+    @app.get("/models/{version}/knowledge", dependencies=guarded)
+    def knowledge(version: str) -> Any:
+        """A version's knowledge figures and its worst-learned training documents (never loads weights)."""
+        from kbtune.knowledge.evaluation import REPORT_ARTIFACT, worst_trained
+
+        mv = store.get_version(version)
+        try:
+            documents = json.loads(store.read_text(mv.training_session_id, REPORT_ARTIFACT))
+        except Exception:  # not evaluated yet
+            documents = []
+        figures = {k: v for k, v in (mv.metrics or {}).items() if k.startswith("knowledge/")}
+        return {**mv.to_dict(), "knowledge": figures, "evaluated": bool(documents),
+                "worst_trained": worst_trained(documents, 10)}  # fmt: skip
+
+    @app.post("/models/{version}/promote", dependencies=guarded)
+    def promote(version: str, request: PromoteRequest) -> Any:
+        """Point `alias` at the version if it passes the knowledge gate (409 with the figures if not;
+        `force` overrides). The decision is recorded on the version either way."""
+        from kbtune.knowledge.promotion import PromotionRefused
+
+        if promotion is None:
+            return JSONResponse(status_code=503, content={"detail": "this server was built without a project to evaluate versions in"})
+        try:
+            decision = promotion().promote(version, request.alias, request.max_forgetting, request.force)
+        except PromotionRefused as exc:
+            return JSONResponse(status_code=409, content={"detail": str(exc), "decision": json.loads(exc.decision.to_json())})
+        except ValueError as exc:  # an alias name that is not allowed
+            return JSONResponse(status_code=422, content={"detail": str(exc)})
+        return json.loads(decision.to_json())
 
     @app.get("/health")
     def health() -> Any:

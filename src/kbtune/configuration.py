@@ -116,6 +116,7 @@ class TrainingPlan:
     trainer: TrainerSettings
     callbacks: CallbackSettings
     config: dict[str, Any]
+    eval: Any = None  # EvalSettings (kbtune.evaluation): what runs when the session completes
     seed: int = 42
     register: bool = True
     version: str | None = None
@@ -177,14 +178,25 @@ def plan_from(data: dict[str, Any], problems: list[str]) -> TrainingPlan | None:
         "callbacks": parse(CallbackSettings, data.get("callbacks"), "callbacks", problems),
     }
     run = parse(RunSettings, {k: data[k] for k in RUN_KEYS if k in data}, "", problems)
+    evaluation = parse_eval(data, problems)
     if any(part is None for part in parts.values()) or run is None:
         return None
     problems.extend(cross_problems(parts["model"], parts["data"], parts["trainer"]))
-    return TrainingPlan(**parts, config=data, seed=run.seed, register=run.register, version=run.version,
+    return TrainingPlan(**parts, config=data, eval=evaluation, seed=run.seed, register=run.register, version=run.version,
                         ckpt_path=run.ckpt_path, run_name=run.run_name, save_merged=run.save_merged)  # fmt: skip
 
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunSettings))
+
+
+def parse_eval(data: dict[str, Any], problems: list[str]) -> Any:
+    """The `eval` node (EvalSettings with its nested `eval.probes`)."""
+    from kbtune.evaluation import EvalSettings
+    from kbtune.knowledge.probes import ProbeSettings
+
+    values = dict(data.get("eval") or {})
+    probes = parse(ProbeSettings, values.pop("probes", None), "eval.probes", problems) or ProbeSettings()
+    return parse(EvalSettings, values, "eval", problems, probes=probes)
 
 
 def cross_problems(model: ModelSpec, data: DataSettings, trainer: TrainerSettings) -> list[str]:

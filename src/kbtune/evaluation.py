@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kbtune.data.preparation import DataSettings, load_documents_for_split, pack, tokenize_documents
+from kbtune.knowledge.probes import ProbeSettings
 from kbtune.knowledge_base import KnowledgeBase
 from kbtune.model_manager import SPEC_FILE, ModelManager
 from kbtune.settings_base import settings
@@ -23,23 +24,38 @@ logger = logging.getLogger(__name__)
 
 @settings
 class EvalSettings:
+    """conf/eval (`eval.*`): held-out text metrics and the knowledge evaluation."""
+
+    # Held-out text: documents scored (the session's validation split, rebuilt from its manifest); null = all.
     max_documents: int | None = 64
     batch_size: int = 8
+    # Continue `prefix_tokens` of a held-out passage for `generate_tokens` tokens (ROUGE-L, BLEU).
     prefix_tokens: int = 32
     generate_tokens: int = 32
     generation_documents: int = 16
+    # Also score the starting model (untrained init, or the base checkpoint) to report the gain.
     compare_with_start: bool = True
+    # Knowledge: run the fact-probe evaluation when a training session completes.
+    after_training: bool = True
+    # A folder of .md/.txt files, or a Chroma collection, of text outside the KB the starting model
+    # handled: forgetting is the relative perplexity change on it (local/pretrained models only).
+    retain: str | None = None
+    retain_max_documents: int = 200
+    probe_batch_size: int = 16
+    # How many of the worst-learned training documents reports list.
+    report_worst: int = 10
+    probes: ProbeSettings = field(default_factory=ProbeSettings)
 
     def validate(self) -> list[str]:
         p = []
         if self.max_documents is not None and self.max_documents < 1:
             p.append(f"eval.max_documents: must be >= 1 or null, got {self.max_documents}")
-        for key in ("batch_size", "prefix_tokens", "generate_tokens"):
+        for key in ("batch_size", "prefix_tokens", "generate_tokens", "retain_max_documents", "probe_batch_size", "report_worst"):
             if getattr(self, key) < 1:
                 p.append(f"eval.{key}: must be >= 1, got {getattr(self, key)}")
         if self.generation_documents < 0:
             p.append(f"eval.generation_documents: must be >= 0, got {self.generation_documents}")
-        return p
+        return p + self.probes.validate()
 
 
 def score_model(model: Any, tokenizer: Any, docs: list[Any], data: DataSettings, settings: EvalSettings) -> dict[str, float]:

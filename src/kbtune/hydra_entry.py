@@ -77,11 +77,10 @@ def precheck(cfg: Any, config_name: str | None, checked_data: set[str] | None = 
         return  # rank zero checked everything before it launched this process
     data = to_container(cfg)
     if config_name == "evaluate":
-        from kbtune.evaluation import EvalSettings
         from kbtune.jobs import evaluation_settings
 
         load_runtime(data)
-        evaluation_settings(data, EvalSettings)
+        evaluation_settings(data)
         return
     plan, runtime = load(data)
     if data.get("resume"):

@@ -4,10 +4,11 @@ each from a composed config. Hydra calls these; they call the project's services
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any
 
-from kbtune.configuration import ConfigError, load_session_plan, parse
+from kbtune.configuration import ConfigError, load_session_plan, parse_eval
 from kbtune.distributed import is_rank_zero
 from kbtune.hydra_entry import hydra_context, hydra_context_active
 from kbtune.project import Project, configure_logging
@@ -62,10 +63,10 @@ def _metric(outcome: Any, plan: Any) -> float | None:
     return (outcome.session.metrics or {}).get(plan.callbacks.monitor)
 
 
-def evaluation_settings(data: dict[str, Any], settings_class: type) -> Any:
+def evaluation_settings(data: dict[str, Any]) -> Any:
     """The `eval` node and `version` of conf/evaluate.yaml, validated (ConfigError lists problems)."""
     problems: list[str] = []
-    settings = parse(settings_class, data.get("eval"), "eval", problems)
+    settings = parse_eval(data, problems)
     if not isinstance(data.get("version"), str) or not data["version"]:
         problems.append("version: the model version to evaluate (a label, a number, latest or an alias)")
     if problems:
@@ -74,10 +75,15 @@ def evaluation_settings(data: dict[str, Any], settings_class: type) -> Any:
 
 
 def evaluate(cfg: Any) -> dict[str, Any]:
-    """`scripts/evaluate.py version=...`: score a version on its session's held-out documents."""
-    from kbtune.evaluation import EvalSettings
-
+    """`scripts/evaluate.py version=...`: score a version on its session's held-out documents (text
+    metrics) and on fact probes from its training and held-out documents (knowledge)."""
     configure_logging()
     project = Project.from_config(cfg)
-    settings = evaluation_settings(project.config, EvalSettings)
-    return project.service.evaluate_model(project.config["version"], settings)
+    settings = evaluation_settings(project.config)
+    version = project.config["version"]
+    results: dict[str, Any] = dict(project.service.evaluate_model(version, settings))
+    report = project.service.evaluate_knowledge(version, settings)
+    mv = project.store.get_version(version)
+    manifest = json.loads(project.store.read_text(mv.training_session_id, "data/manifest.json"))
+    return {"version": mv.version, "version_id": mv.id, "collection": manifest["collection"], **results,
+            **report.to_dict(settings.report_worst)}  # fmt: skip

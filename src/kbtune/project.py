@@ -117,6 +117,13 @@ class Project:
         return TrainingService(self.kb, self.store, self.manager, SessionLayout(self.runtime.sessions_dir),
                                self.runtime.cache_dir, self._session_loggers)  # fmt: skip
 
+    def promotion(self) -> Any:
+        """Alias changes gated on knowledge (kbtune promote, the API's promote route)."""
+        from kbtune.knowledge.evaluation import KnowledgeEvaluation
+        from kbtune.knowledge.promotion import GatedPromotion
+
+        return GatedPromotion(self.store, self.manager, KnowledgeEvaluation(self.kb, self.store, self.manager))
+
     def control(self, max_running: int = 1, as_defaults: bool = False) -> Any:
         """Worker control over this project's sessions. Its base overrides are composed under every
         start request and passed to workers to find the store: by default the ones that locate the

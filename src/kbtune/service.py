@@ -151,6 +151,7 @@ class TrainingService:
         version = None
         if plan.register and not plan.trainer.fast_dev_run:
             version = self.model_manager.save_model(plan.version, session_id, session.metrics)
+            self._evaluate_after_training(version, plan.eval, session_id)
         logger.info("session %s completed: %s", session_id, {k: round(v, 4) for k, v in (session.metrics or {}).items() if "/" in k})
         return TrainOutcome(session, version, prepared, extra={"result": result})
 
@@ -215,6 +216,24 @@ class TrainingService:
         full = CausalLMModule(spec.to_dict(), asdict(plan.optim))
         full.load_state_dict(state)
         return full
+
+    def evaluate_knowledge(self, version: str, settings: Any = None, record: bool = True) -> Any:
+        """Did `version` learn its KB? Fact probes from its session's documents, scored for the version
+        and its starting model (recall of trained and held-out facts, forgetting, a per-document report)."""
+        from kbtune.knowledge.evaluation import KnowledgeEvaluation
+
+        return KnowledgeEvaluation(self.kb, self.store, self.model_manager).evaluate(version, settings, record)
+
+    def _evaluate_after_training(self, version: Any, settings: Any, session_id: str) -> None:
+        if settings is None or not settings.after_training:
+            return
+        self.layout.files(session_id).update_phase("evaluating")
+        try:
+            self.evaluate_knowledge(version.id, settings)
+        except Exception:
+            # The trained model and its version are recorded; a failed evaluation must not undo that.
+            logger.warning("session %s: the knowledge evaluation failed (run scripts/evaluate.py version=%s)",
+                           session_id, version.version, exc_info=True)  # fmt: skip
 
     def evaluate_model(self, version: str, settings: Any = None, record: bool = True) -> dict[str, float]:
         """Score `version` on its session's held-out documents; `record`: store the figures on the

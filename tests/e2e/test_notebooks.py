@@ -127,6 +127,7 @@ def test_model_versions_notebook(notebook_env):
     # KBTUNE_RECORD=1 asks it to write.
     assert {v.id: v.metrics for v in versions} == before
     assert text.count("eval/perplexity_gain") >= 1
+    assert "knowledge/recall_trained" in text and "knowledge/start/recall_trained" in text
     for v in versions:
         assert "eval/perplexity" not in (v.metrics or {})
         assert v.version in text

@@ -35,7 +35,7 @@ def test_a_two_value_sweep_gives_two_grouped_sessions(tmp_path, small_kb):
     store = MlflowStore(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     sessions = store.list_sessions()
     assert len(sessions) == 2
-    assert sorted(s.config["model"]["learning_rate"] for s in sessions) == [3e-4, 1e-3]
+    assert sorted(s.config["optim"]["learning_rate"] for s in sessions) == [3e-4, 1e-3]
     assert all(s.status is SessionStatus.COMPLETED and s.metrics["val/loss"] > 0 for s in sessions)
 
     tags = [store.get_tags(s.id) for s in sessions]

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-SECTIONS = {"training", "data", "startup", "e2e"}
+SECTIONS = {"training", "data", "startup", "e2e", "knowledge"}
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,13 @@ def test_data_startup_and_e2e_report_their_targets(quick_report):
     assert e2e["val_loss"]["median"] > 0 and e2e["seconds"]["median"] > 0
     # The printed table carries every section and the targets.
     assert "targets:" in stdout and all(f"\n{name} " in stdout for name in SECTIONS)
+
+
+@pytest.mark.slow
+def test_knowledge_reports_the_evaluation_against_the_training(quick_report):
+    report, _ = quick_report
+    rows = {(r["variant"], r["metric"]): r for r in report["sections"]["knowledge"]["rows"]}
+    evaluation = rows[("evaluation", "wall")]
+    assert evaluation["baseline"] == "training" and evaluation["ratio"] > 0
+    assert evaluation["ratio"] == pytest.approx(evaluation["median"] / rows[("training", "wall")]["median"])
+    assert rows[("batched (16)", "scoring")]["baseline"] == "one at a time"

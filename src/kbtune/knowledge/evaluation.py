@@ -32,12 +32,16 @@ class KnowledgeReport:
     notes: dict[str, str] = field(default_factory=dict)
 
     def worst_trained(self, n: int) -> list[dict[str, Any]]:
-        """The training documents the version learned least: lowest probe recall, then highest loss."""
-        rows = [d for d in self.documents if d["split"] == "train" and d["probes"]]
-        return sorted(rows, key=lambda d: (d["recall"], -(d["loss_after"] or 0.0)))[:n]
+        return worst_trained(self.documents, n)
 
     def to_dict(self, worst: int = 10) -> dict[str, Any]:
         return {**self.metrics, "knowledge/notes": self.notes, "knowledge/worst_trained": self.worst_trained(worst)}
+
+
+def worst_trained(documents: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The training documents a version learned least: lowest probe recall, then highest loss."""
+    rows = [d for d in documents if d["split"] == "train" and d["probes"]]
+    return sorted(rows, key=lambda d: (d["recall"], -(d["loss_after"] or 0.0)))[:n]
 
 
 def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -98,9 +102,8 @@ class KnowledgeEvaluation:
 
     # -- scoring -------------------------------------------------------------------------------------
     def evaluate(self, version: str, settings: Any = None, record: bool = True) -> KnowledgeReport:
-        from kbtune.model_manager import load_model_dir
-
         from kbtune.evaluation import EvalSettings
+        from kbtune.model_manager import load_model_dir
 
         settings = settings or EvalSettings()
         t0 = time.perf_counter()

@@ -68,7 +68,8 @@ class CausalLMModule(pl.LightningModule):
         # Lightning's own path (see configure_gradient_clipping).
         implementation = {"fused": True} if self._fused_ok() else {"foreach": True}
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": decay, "weight_decay": o.weight_decay, "name": "lr"},
+             {"params": no_decay, "weight_decay": 0.0, "name": "lr_no_decay"}],
             lr=o.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps, **implementation,
         )  # fmt: skip
         total = int(self.trainer.estimated_stepping_batches)
@@ -76,8 +77,9 @@ class CausalLMModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_lambda(step, warmup, total, o.min_lr_ratio)
         )
-        # The name is the metric LearningRateMonitor logs.
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+        # LearningRateMonitor logs `<scheduler name>/<param group name>`: train/lr (and the same rate of
+        # the group without weight decay as train/lr_no_decay).
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train"}}
 
     def _fused_ok(self) -> bool:
         single_or_ddp = type(self.trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy")

@@ -20,7 +20,7 @@ from urllib.request import url2pathname
 from uuid import uuid4
 
 from kbtune.records import ModelVersion, SessionStatus, TrainingSession
-from kbtune.tracking.store import NotFoundError
+from kbtune.tracking.store import NotFoundError, available_versions, next_auto_label
 
 SCHEME = "memory"
 # The alias names the MLflow registry refuses, refused here too so code tried on this store does
@@ -97,6 +97,7 @@ class _Version:
     source: str
     created_at: datetime
     metrics: dict[str, float] | None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 class InMemoryStore:
@@ -329,7 +330,7 @@ class InMemoryStore:
             self._next_number += 1
             self._versions[number] = _Version(
                 number=number,
-                label=label or f"v{number}",
+                label=label or next_auto_label([v.label for v in self._versions.values()]),
                 session_id=session_id,
                 source=source,
                 created_at=datetime.now(timezone.utc),
@@ -351,11 +352,7 @@ class InMemoryStore:
         else:
             number = next((v.number for v in versions if v.label == ref), None)
         if number not in self._versions:
-            known = [v.label for v in versions]
-            hint = (
-                ", ".join(known + [f"@{a}" for a in sorted(self._aliases)] + (["latest"] if known else []))
-                or "none"
-            )
+            hint = available_versions([v.label for v in versions], list(self._aliases))
             raise NotFoundError(
                 f"model version {ref!r} not found in {self.registered_model!r} (available: {hint})"
             )
@@ -377,6 +374,14 @@ class InMemoryStore:
             version = self._resolve(version_id)
             version.metrics = _json_copy({**(version.metrics or {}), **metrics})
             return self._record(version)
+
+    def set_version_tags(self, version_id: str, tags: dict[str, str]) -> None:
+        with self._lock:
+            self._resolve(str(version_id)).tags.update(tags)
+
+    def get_version_tags(self, version_id: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._resolve(str(version_id)).tags)
 
     def set_alias(self, version_id: str, alias: str) -> None:
         """Point `alias` at version number `version_id`, moving it from any other version."""

@@ -17,7 +17,7 @@ from urllib.request import url2pathname
 
 from kbtune.records import ModelVersion, SessionStatus, TrainingSession
 from kbtune.tracking import run_schema as rs
-from kbtune.tracking.store import SWEEP_TAG, NotFoundError
+from kbtune.tracking.store import SWEEP_TAG, NotFoundError, available_versions, next_auto_label
 
 logger = logging.getLogger(__name__)
 
@@ -329,8 +329,18 @@ class MlflowStore:
                 self.client.delete_model_version(self.registered_model, str(number))
                 raise FileExistsError(f"model version label {label!r} already exists (version {min(rivals)})")
         else:
-            self.client.set_model_version_tag(self.registered_model, str(number), rs.LABEL_TAG, f"v{number}")
+            self._claim_auto_label(number)
         return self.get_version(str(number))
+
+    def _claim_auto_label(self, number: int) -> None:
+        """v<k> after the highest automatic label. Two saves racing for one v<k>: the lower version
+        number keeps it and the other takes the next (lock-free, like labels)."""
+        for _ in range(100):
+            others = [o for o in self._all_versions() if int(o.version) != number]
+            label = next_auto_label([(o.tags or {}).get(rs.LABEL_TAG) or "" for o in others if int(o.version) < number])
+            self.client.set_model_version_tag(self.registered_model, str(number), rs.LABEL_TAG, label)
+            if not any((o.tags or {}).get(rs.LABEL_TAG) == label and int(o.version) < number for o in self._all_versions()):
+                return
 
     def get_version(self, ref: str) -> ModelVersion:
         """`ref` is a label, a version number, `latest`, or an alias such as `champion`."""
@@ -352,8 +362,7 @@ class MlflowStore:
                     break
         match = next((mv for mv in versions if int(mv.version) == number), None)
         if match is None:
-            known = [self._version(mv, aliases).version for mv in versions]
-            hint = ", ".join(known + [f"@{a}" for a in sorted(aliases)] + (["latest"] if known else [])) or "none"
+            hint = available_versions([self._version(mv, aliases).version for mv in versions], list(aliases))
             raise NotFoundError(f"model version {ref!r} not found in {self.registered_model!r} (available: {hint})")
         try:
             return self._version(self.client.get_model_version(self.registered_model, str(number)), aliases)
@@ -372,6 +381,13 @@ class MlflowStore:
 
     def set_alias(self, version_id: str, alias: str) -> None:
         self.client.set_registered_model_alias(self.registered_model, alias, version_id)
+
+    def set_version_tags(self, version_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.registered_model, str(version_id), key, value)
+
+    def get_version_tags(self, version_id: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(self.registered_model, str(version_id)).tags or {})
 
     def download(self, uri: str, dst: Path | None = None) -> Path:
         """A local directory with the artifact's files: read in place for local stores, else downloaded."""

@@ -5,6 +5,7 @@ this Protocol and the records in `kbtune.records`, never MLflow's types."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,4 +49,22 @@ class SessionStore(Protocol):
     def list_versions(self) -> list[ModelVersion]: ...
     def update_version_metrics(self, version_id: str, metrics: dict[str, float]) -> ModelVersion: ...
     def set_alias(self, version_id: str, alias: str) -> None: ...
+    def set_version_tags(self, version_id: str, tags: dict[str, str]) -> None: ...
+    def get_version_tags(self, version_id: str) -> dict[str, str]: ...
     def download(self, uri: str, dst: Path | None = None) -> Path: ...
+
+
+_AUTO_LABEL = re.compile(r"^v(\d+)\Z")
+
+
+def next_auto_label(labels: list[str]) -> str:
+    """The label of a version saved without one: v1, v2, ... counting only such labels, so a custom
+    label in between does not make the sequence skip."""
+    numbers = [int(m.group(1)) for label in labels if (m := _AUTO_LABEL.match(label))]
+    return f"v{max(numbers, default=0) + 1}"
+
+
+def available_versions(labels: list[str], aliases: list[str]) -> str:
+    """What `not found` errors list: the labels, the aliases as they are typed, and `latest`."""
+    shown = [*labels, *(f"{a} (alias)" for a in sorted(aliases)), *(["latest"] if labels else [])]
+    return ", ".join(shown) or "none"

@@ -322,16 +322,58 @@ function fillTable(table, rows, columns, build) {
   rows.forEach((row) => body.appendChild(build(row)));
 }
 
+function fmtPct(value) {
+  return typeof value === "number" ? `${(100 * value).toFixed(1)}%` : "-";
+}
+
 async function refreshVersions() {
   const result = await api("GET", "/models/versions");
   if (!result.ok) return;
-  fillTable($("versions-table"), result.data, 6, (v) => {
+  fillTable($("versions-table"), result.data, 10, (v) => {
+    const m = v.metrics || {};
     const tr = document.createElement("tr");
     cell(tr, v.version); cell(tr, v.id); cell(tr, short(v.training_session_id), true);
-    cell(tr, fmtDate(v.created_at)); cell(tr, fmtNum((v.metrics || {})["val/loss"]));
-    cell(tr, (v.aliases || []).join(", "));
+    cell(tr, fmtDate(v.created_at));
+    const start = m["knowledge/start/recall_trained"];
+    cell(tr, fmtPct(m["knowledge/recall_trained"]) + (typeof start === "number" ? ` (${fmtPct(start)})` : ""));
+    cell(tr, fmtPct(m["knowledge/recall_heldout"])); cell(tr, fmtPct(m["knowledge/retain_perplexity_change"]));
+    cell(tr, fmtNum(m["val/loss"])); cell(tr, (v.aliases || []).join(", "));
+    const td = document.createElement("td");
+    const button = document.createElement("button");
+    button.type = "button"; button.textContent = "Details"; button.className = "details";
+    button.addEventListener("click", () => showVersion(v.version));
+    td.appendChild(button); tr.appendChild(td);
     return tr;
   });
+}
+
+async function showVersion(version) {
+  const result = await api("GET", `/models/${encodeURIComponent(version)}/knowledge`);
+  if (!result.ok) return;
+  const d = result.data;
+  $("version-detail").hidden = false;
+  text($("version-detail-title"), `Version ${d.version}: what it learned`);
+  text($("version-detail-message"), d.evaluated ? "" : "Not evaluated for knowledge yet (python scripts/evaluate.py version=" + d.version + ").");
+  fillTable($("worst-table"), d.worst_trained, 6, (row) => {
+    const tr = document.createElement("tr");
+    cell(tr, row.document_id, true); cell(tr, String(row.probes)); cell(tr, fmtPct(row.recall));
+    cell(tr, fmtPct(row.recall_before)); cell(tr, fmtNum(row.loss_after)); cell(tr, fmtNum(row.loss_before));
+    return tr;
+  });
+  $("promote-button").onclick = () => promote(d.version, false);
+}
+
+async function promote(version, force) {
+  text($("version-detail-message"), `Evaluating ${version} against the champion...`);
+  const result = await api("POST", `/models/${encodeURIComponent(version)}/promote`, { alias: "champion", force });
+  const detail = result.data && result.data.detail;
+  if (result.status === 409 && !force) {
+    text($("version-detail-message"), `Refused: ${detail}`);
+    if (window.confirm(`Promotion refused:\n${detail}\n\nPromote anyway?`)) return promote(version, true);
+    return;
+  }
+  text($("version-detail-message"), result.ok ? `${version} is now champion.` : `Promotion failed: ${detail || result.status}`);
+  refreshVersions();
 }
 
 async function refreshSessions() {
