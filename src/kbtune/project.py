@@ -62,8 +62,12 @@ def configure_logging(level: int = logging.INFO) -> None:
         for handler in logging.getLogger(name).handlers:
             if not any(isinstance(f, _DropNoise) for f in handler.filters):
                 handler.addFilter(_DropNoise())
-    for name in ("httpx", "alembic", "chromadb.telemetry", "urllib3"):
+    for name in ("httpx", "alembic", "chromadb.telemetry", "urllib3", "mlflow.system_metrics"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # transformers draws a bar per file it writes or loads: noise in a session's log.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 class Project:

@@ -34,7 +34,7 @@ def seed_fact_kb(path: Path, collection: str) -> None:
         assert len(sentences) == len(FACT_KEYS)
         docs += [Document(f"{doc_id}/{i}", s, {"source": "facts"}) for i, s in enumerate(sentences)]
     kb = KnowledgeBase.connect(KBSettings(path=str(path), collection=collection))
-    kb.upsert(docs, embeddings=hash_embedder([d.text for d in docs]))
+    kb.upsert(docs, embeddings=hash_embedder([d.text for d in docs]), create=True)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def facts_project(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("facts")
     seed_fact_kb(root / "chroma", "facts")
     base = [f"paths.root={root}", f"kb.path={root / 'chroma'}", "kb.collection=facts", "model=tiny",
-            "data.block_size=64", "data.val_fraction=0.15", "trainer.enable_progress_bar=false",
+            "data.block_size=32", "data.packing=document", "data.val_fraction=0.15", "trainer.enable_progress_bar=false",
             "trainer.max_epochs=-1", "eval.probes.max_probes=null"]  # fmt: skip
     train(compose([*base, "trainer.max_steps=450", "optim.learning_rate=3e-3", "version=memorised"]))
     train(compose([*base, "trainer.max_steps=2", "version=one-epoch"]))

@@ -19,6 +19,7 @@ import numpy as np
 from kbtune.data.dataset_cache import load_prepared, write_prepared
 from kbtune.data.tokens import (
     concatenate,
+    document_blocks,
     pack,
     tokenize_documents,
     tokenizer_fingerprint,
@@ -58,6 +59,10 @@ class DataSettings:
     chat_template: bool = False
     batch_size: int = 8
     tokenize_batch: int = 2000
+    # `packed`: documents concatenated with EOS and cut into blocks (no padding, but a block's tokens
+    # see the documents before them in it). `document`: one document per block, padded, so a fact can
+    # only be predicted from its own document (see conf/data/default.yaml).
+    packing: Literal["packed", "document"] = "packed"
 
     def validate(self) -> list[str]:
         p = []
@@ -84,6 +89,7 @@ class DataSettings:
         keep = ("block_size", "val_fraction", "split_seed", "format", "template", "qa_prompt")
         # Only when on, so caches prepared before the option existed keep their keys.
         keep += ("chat_template",) if self.chat_template else ()
+        keep += ("packing",) if self.packing != "packed" else ()
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -265,6 +271,9 @@ class DataPreparation:
         arrays: dict[str, np.ndarray | None] = {}
         counts: dict[str, Any] = {}
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            if s.packing == "document":
+                arrays[split], arrays[f"{split}_labels"], counts[split] = self._document_split(split_docs, tokenizer)
+                continue
             stream, label_stream = self._token_stream(split_docs, tokenizer)
             n_blocks = len(stream) // s.block_size
             arrays[split] = stream[: n_blocks * s.block_size].reshape(n_blocks, s.block_size)
@@ -284,6 +293,26 @@ class DataPreparation:
                     f"block of {s.block_size}; lower data.block_size or add documents to {self.kb.settings.describe()}"
                 )
         return arrays, counts
+
+    def _document_split(self, docs: list[CleanDoc], tokenizer: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """One split as document-aligned blocks (data.packing=document), tokenized a chunk at a time."""
+        s = self.settings
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        blocks, labels, padding, tokens = [], [], 0, 0
+        for start in range(0, len(docs), s.tokenize_batch):
+            part = docs[start : start + s.tokenize_batch]
+            with tokenizer_parallelism():
+                ids, part_labels = tokenize_documents(part, tokenizer, s)
+            b, lab, pad_count = document_blocks(ids, part_labels or None, tokenizer.eos_token_id, pad, s.block_size)
+            blocks.append(b)
+            labels.append(lab)
+            padding, tokens = padding + pad_count, tokens + sum(len(x) + 2 for x in ids)
+            for d in part:
+                d.text = d.formatted = d.prompt = ""
+        arrays = np.concatenate(blocks), np.concatenate(labels)
+        counts = {"documents": len(docs), "tokens": tokens, "blocks": len(arrays[0]), "tail_tokens_dropped": 0,
+                  "padding_tokens": padding}  # fmt: skip
+        return arrays[0], arrays[1], counts
 
     def _token_stream(self, docs: list[CleanDoc], tokenizer: Any) -> tuple[np.ndarray, np.ndarray | None]:
         """A split's tokens laid out as pack() lays them (EOS after each document) in one int32 array,

@@ -81,6 +81,27 @@ def chat_turns(docs: Sequence[CleanDoc], tokenizer: Any) -> tuple[list[str], lis
     return prompts, answers
 
 
+def document_blocks(
+    ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None, eos_id: int, pad_id: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """`data.packing=document`: every block holds one document (or a piece of a long one), after an EOS as
+    in packed data, padded to block_size; padding takes no loss (label -100). No token ever sees another
+    document. Returns (blocks, label blocks, padding tokens)."""
+    blocks, label_blocks, padding = [], [], 0
+    for i, doc in enumerate(ids):
+        seq = [eos_id, *doc, eos_id]
+        lab = [-100, *(labels[i] if labels else doc), eos_id]
+        for start in range(0, len(seq) - 1, block_size):
+            piece, piece_labels = seq[start : start + block_size], lab[start : start + block_size]
+            pad = block_size - len(piece)
+            padding += pad
+            blocks.append(piece + [pad_id] * pad)
+            label_blocks.append(piece_labels + [-100] * pad)
+    shape = (len(blocks), block_size)
+    return (np.asarray(blocks, dtype=np.int32).reshape(shape), np.asarray(label_blocks, dtype=np.int64).reshape(shape),
+            padding)  # fmt: skip
+
+
 def tokenize_documents(
     docs: Sequence[CleanDoc], tokenizer: Any, s: DataSettings
 ) -> tuple[list[list[int]], list[list[int]]]:

@@ -71,6 +71,19 @@ class KnowledgeEvaluation:
         self.model_manager = model_manager
 
     # -- the probe set -------------------------------------------------------------------------------
+    def session_settings(self, session_id: str) -> Any:
+        """The `eval` settings the session was trained with (its probe budget, retain set), so a later
+        evaluation or a promotion measures what the training's own evaluation measured."""
+        from kbtune.configuration import ConfigError, parse_eval
+        from kbtune.evaluation import EvalSettings
+
+        problems: list[str] = []
+        try:
+            settings = parse_eval(self.store.get_session(session_id).config, problems)
+        except ConfigError:
+            settings = None
+        return settings if settings is not None and not problems else EvalSettings()
+
     def session_documents(self, session_id: str) -> tuple[list[Any], int]:
         """The session's training and held-out documents, exactly those of its data manifest (checked
         against their content hashes), formatted as in training; and its block size."""
@@ -102,12 +115,11 @@ class KnowledgeEvaluation:
 
     # -- scoring -------------------------------------------------------------------------------------
     def evaluate(self, version: str, settings: Any = None, record: bool = True) -> KnowledgeReport:
-        from kbtune.evaluation import EvalSettings
         from kbtune.model_manager import load_model_dir
 
-        settings = settings or EvalSettings()
         t0 = time.perf_counter()
         mv, directory = self.model_manager.model_dir(version)
+        settings = settings or self.session_settings(mv.training_session_id)
         docs, block_size = self.session_documents(mv.training_session_id)
         probes = self.probe_set(mv.training_session_id, settings.probes, docs, record)
         model, tokenizer = load_model_dir(directory)

@@ -1,8 +1,6 @@
-"""SessionStore on MLflow: a session is a run, a model version is a registered model version.
-
-The only module that touches MLflow's types. It works on the SQLite store under `mlruns/` and against
-an `mlflow server` over HTTP, hiding their differences (version numbers as int vs str, aliases
-missing from `search_model_versions` on SQLite)."""
+"""SessionStore on MLflow: a session is a run, a model version is a registered model version. The only
+module that touches MLflow's types; it hides the differences between the SQLite store under `mlruns/`
+and an `mlflow server` (version numbers int vs str, aliases missing from `search_model_versions`)."""
 
 from __future__ import annotations
 
