@@ -66,6 +66,8 @@ def project(tmp_path, small_kb) -> dict:
         "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false",
         "trainer.log_every_n_steps=2",
+        # Tests of training and records; the knowledge evaluation has its own (test_knowledge_evaluation).
+        "eval.after_training=false",
     ]
     return {"root": tmp_path, "overrides": overrides, "kb": small_kb}
 

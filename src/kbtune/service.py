@@ -151,7 +151,8 @@ class TrainingService:
         version = None
         if plan.register and not plan.trainer.fast_dev_run:
             version = self.model_manager.save_model(plan.version, session_id, session.metrics)
-            self._evaluate_after_training(version, plan.eval, session_id)
+            if self._evaluate_after_training(version, plan.eval, session_id):
+                session, version = self.store.get_session(session_id), self.store.get_version(version.id)
         logger.info("session %s completed: %s", session_id, {k: round(v, 4) for k, v in (session.metrics or {}).items() if "/" in k})
         return TrainOutcome(session, version, prepared, extra={"result": result})
 
@@ -224,16 +225,18 @@ class TrainingService:
 
         return KnowledgeEvaluation(self.kb, self.store, self.model_manager).evaluate(version, settings, record)
 
-    def _evaluate_after_training(self, version: Any, settings: Any, session_id: str) -> None:
+    def _evaluate_after_training(self, version: Any, settings: Any, session_id: str) -> bool:
         if settings is None or not settings.after_training:
-            return
+            return False
         self.layout.files(session_id).update_phase("evaluating")
         try:
             self.evaluate_knowledge(version.id, settings)
+            return True
         except Exception:
             # The trained model and its version are recorded; a failed evaluation must not undo that.
             logger.warning("session %s: the knowledge evaluation failed (run scripts/evaluate.py version=%s)",
                            session_id, version.version, exc_info=True)  # fmt: skip
+            return False
 
     def evaluate_model(self, version: str, settings: Any = None, record: bool = True) -> dict[str, float]:
         """Score `version` on its session's held-out documents; `record`: store the figures on the

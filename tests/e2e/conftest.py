@@ -140,8 +140,11 @@ def stop_server(server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def server_overrides(tmp_path_factory, small_kb) -> tuple[Path, list[str]]:
+def server_overrides(request, tmp_path_factory, small_kb) -> tuple[Path, list[str]]:
     root = tmp_path_factory.mktemp("api")
+    # The knowledge evaluation after each training is tested where it is shown (the page's test sets
+    # EVALUATE_AFTER_TRAINING); elsewhere it would only slow the API tests down.
+    evaluate = getattr(request.module, "EVALUATE_AFTER_TRAINING", False)
     overrides = [
         f"paths.root={root}",
         f"kb.path={small_kb['path']}",
@@ -151,6 +154,7 @@ def server_overrides(tmp_path_factory, small_kb) -> tuple[Path, list[str]]:
         # A toy model: fp32 is faster than bf16 autocast on CPU, and exact run to run.
         "trainer.precision=32-true",
         "trainer.log_every_n_steps=5",
+        f"eval.after_training={str(evaluate).lower()}",
     ]
     return root, overrides
 

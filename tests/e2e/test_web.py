@@ -17,6 +17,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+# The page shows each version's knowledge figures: keep the evaluation after training on.
+EVALUATE_AFTER_TRAINING = True
 SCREENSHOT = REPO / "test-artifacts" / "web.png"
 
 # Pixels of the canvas drawn in a CSS colour variable (the curves), counted in the page.
@@ -89,7 +91,16 @@ def test_start_watch_stop_and_theme_from_the_page(server, browser):
     assert "trainer.max_steps: must be >= 1" in page.text_content(".field-error[data-for=max_steps]")
     assert page.text_content(".field-error[data-for=batch_size]") == ""
 
+    # An advanced override is validated like the command line's, its error shown on the field.
+    page.click("details.advanced summary")
+    page.fill("textarea[name=overrides]", "trainer.gradient_clip_val=-1")
+    _fill_form(page, {"max_steps": "40"})
+    page.click("#start-button")
+    page.wait_for_function("document.querySelector('.field-error[data-for=overrides]').textContent.length > 0")
+    assert "trainer.gradient_clip_val" in page.text_content(".field-error[data-for=overrides]")
+
     # A tiny training from the form, watched to the end.
+    page.fill("textarea[name=overrides]", "trainer.log_every_n_steps=5")
     _fill_form(page, {"max_steps": "40", "batch_size": "8", "block_size": "64", "val_check_interval": "10"})
     page.click("#start-button")
     page.wait_for_function(
@@ -112,6 +123,12 @@ def test_start_watch_stop_and_theme_from_the_page(server, browser):
         f"document.getElementById('versions-table').textContent.includes('{completed_id[:8]}')",
         timeout=30_000,
     )
+    # Its knowledge, evaluated after training: recall in the table, the worst-learned documents in Details.
+    page.wait_for_function("document.querySelector('#versions-table tbody tr td:nth-child(5)').textContent.includes('%')",
+                           timeout=120_000)  # fmt: skip
+    page.click("#versions-table button.details")
+    page.wait_for_function("document.querySelectorAll('#worst-table tbody tr').length > 0", timeout=30_000)
+    assert page.is_visible("#promote-button")
 
     # Another, stopped with the button.
     _fill_form(page, {"max_steps": "", "max_epochs": "50"})

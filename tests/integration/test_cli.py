@@ -37,7 +37,7 @@ def two_trainings(tmp_path_factory, small_kb) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("cli")
     base = [f"paths.root={root}", f"kb.path={small_kb['path']}", f"kb.collection={small_kb['collection']}",
             "model=tiny", "data.block_size=64", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-            "trainer.log_every_n_steps=2"]  # fmt: skip
+            "trainer.log_every_n_steps=2", "eval.after_training=false"]  # fmt: skip
     proc = run([sys.executable, str(REPO / "scripts" / "train.py"), *base], cwd=root)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     train(compose([*base, "version=second-run"]))
@@ -67,19 +67,14 @@ def test_versions_lists_two_versions_with_metrics(listings):
 
     table = listings["versions"]
     assert table.returncode == 0, table.stderr[-3000:]
-    lines = table.stdout.strip().splitlines()
-    assert lines[0].split() == [
-        "id",
-        "version",
-        "session",
-        "created",
-        "val/loss",
-        "eval/perplexity",
-        "aliases",
-    ]
-    assert len(lines) == 3
-    assert lines[1].split()[:3] == ["2", "second-run", versions[0]["training_session_id"]]
-    assert lines[2].split()[:3] == ["1", "v1", versions[1]["training_session_id"]]
+    table_text, _, legend = table.stdout.strip().partition("\n\n")
+    lines = table_text.splitlines()
+    # Knowledge first (not evaluated here: "-"), then the training's own figures.
+    assert lines[0].split() == ["id", "version", "session", "created", "recall", "start", "held-out", "forgetting",
+                                "val/loss", "aliases"]  # fmt: skip
+    assert len(lines) == 3 and "recall: closed-book recall" in legend
+    assert lines[1].split()[:3] == ["2", "second-run", versions[0]["training_session_id"][:12]]
+    assert lines[2].split()[:3] == ["1", "v1", versions[1]["training_session_id"][:12]]
     assert f"{versions[0]['metrics']['val/loss']:.4f}" in lines[1]
 
 
@@ -107,7 +102,8 @@ def test_promote_save_and_errors(two_trainings, listings):
     sessions = json.loads(listings["sessions --json"].stdout)
     promoted = cli(two_trainings, "promote", "v1")
     assert promoted.returncode == 0, promoted.stderr[-3000:]
-    assert promoted.stdout.strip() == "champion -> v1 (id 1)"
+    # Gated on knowledge: with no champion yet, v1 passes (its figures are evaluated and recorded).
+    assert promoted.stdout.strip().startswith("champion -> v1: promoted: passes the knowledge gate")
 
     saved = cli(two_trainings, "save", sessions[-1]["id"], "--label", "by-hand")
     assert saved.returncode == 0, saved.stderr[-3000:]

@@ -148,3 +148,19 @@ def test_a_model_trained_from_scratch_reports_forgetting_as_not_applicable(facts
     )
     assert "knowledge/retain_perplexity_change" not in report.metrics
     assert report.notes["retain_perplexity_change"] == NOT_APPLICABLE
+
+
+def test_kbtune_versions_shows_recall_and_the_worst_learned_documents(facts_project):
+    import subprocess
+    import sys
+
+    locate = [o for o in facts_project["overrides"] if o.startswith(("paths.", "kb."))]
+    table = subprocess.run([sys.executable, "-m", "kbtune", "versions", *locate], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr[-2000:]
+    memorised = next(line for line in table.stdout.splitlines() if " memorised " in f" {line} ")
+    assert "100.0%" in memorised or "9" in memorised.split()[4]  # recall column, e.g. 100.0% / 97.8%
+    detail = subprocess.run([sys.executable, "-m", "kbtune", "versions", "--detail", "one-epoch", *locate],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert detail.returncode == 0, detail.stderr[-2000:]
+    assert "knowledge/recall_trained" in detail.stdout and "worst-learned training documents" in detail.stdout
+    assert "facts/" in detail.stdout.split("worst-learned training documents")[1]

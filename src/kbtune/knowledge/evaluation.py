@@ -92,9 +92,24 @@ class KnowledgeEvaluation:
         session = self.store.get_session(session_id)
         manifest = json.loads(self.store.read_text(session_id, "data/manifest.json"))
         data = DataSettings(**{k: v for k, v in (session.config.get("data") or {}).items() if k != "cache_dir"})
-        kb = self.kb if manifest["collection"] == self.kb.collection_name else self.kb.with_settings(collection=manifest["collection"])
+        kb = self._session_kb(session.config, manifest["collection"])
         docs = [*load_documents_for_split(kb, manifest, data, "train"), *load_documents_for_split(kb, manifest, data, "val")]
         return docs, data.block_size
+
+    def _session_kb(self, config: dict[str, Any], collection: str) -> Any:
+        """The knowledge base the session trained on (its stored kb settings), whatever this project's
+        own kb settings say; the project's client when they name the same store."""
+        from kbtune.configuration import ConfigError, load_runtime
+        from kbtune.knowledge_base import KnowledgeBase
+
+        try:
+            own = replace(load_runtime(config).kb, collection=collection)
+        except ConfigError:
+            return self.kb.with_settings(collection=collection)
+        mine = self.kb.settings
+        if (own.backend, own.path, own.host, own.port) == (mine.backend, mine.path, mine.host, mine.port):
+            return self.kb.with_settings(collection=collection, where=own.where)
+        return KnowledgeBase.connect(own)
 
     def probe_set(self, session_id: str, settings: ProbeSettings, docs: list[Any], record: bool = True) -> ProbeSet:
         """The session's probes for `settings`: read back if stored (so every version of the session is

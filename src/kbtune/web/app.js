@@ -105,6 +105,8 @@ async function submitForm(event) {
     const value = readValue(input);
     if (value !== undefined) body[input.name] = value;
   });
+  const overrides = form.elements.overrides.value.split("\n").map((line) => line.trim()).filter(Boolean);
+  if (overrides.length) body.overrides = overrides;
   const button = $("start-button");
   button.disabled = true;
   try {
