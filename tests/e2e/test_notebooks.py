@@ -13,6 +13,9 @@ import pytest
 from tests.conftest import REPO
 from tests.e2e.two_runs import trained_project
 
+# Subprocesses or several trainings: outside `make test-fast`, always in `make test` (CI).
+pytestmark = pytest.mark.slow
+
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 

@@ -8,11 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kbtune.records import SessionStatus
 from kbtune.tracking.mlflow_store import MlflowStore
 from kbtune.tracking.run_schema import SWEEP_PARENT_TAG
 from kbtune.tracking.store import SWEEP_TAG
 from tests.conftest import REPO
+
+# Subprocesses or several trainings: outside `make test-fast`, always in `make test` (CI).
+pytestmark = pytest.mark.slow
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 

@@ -11,6 +11,9 @@ import pytest
 
 from tests.conftest import REPO
 
+# Subprocesses or several trainings: outside `make test-fast`, always in `make test` (CI).
+pytestmark = pytest.mark.slow
+
 
 def run_train(python: str, overrides: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(

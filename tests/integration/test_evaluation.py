@@ -24,6 +24,9 @@ from kbtune.knowledge_base import Document, KBSettings, KnowledgeBase
 from kbtune.project import Project
 from tests.conftest import hash_embedder
 
+# Subprocesses or several trainings: outside `make test-fast`, always in `make test` (CI).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 METRICS = ("loss", "perplexity", "accuracy", "rougeL", "bleu")
 # Small generation settings keep the test quick; the metrics are the same as with the defaults.

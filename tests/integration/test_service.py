@@ -17,6 +17,9 @@ from kbtune.hydra_entry import compose, to_container
 from kbtune.project import Project
 from kbtune.records import SessionStatus
 
+# Subprocesses or several trainings: outside `make test-fast`, always in `make test` (CI).
+pytestmark = pytest.mark.slow
+
 
 def tiny_overrides(root: Path, kb: dict[str, str], epochs: int = 2) -> list[str]:
     return [
