@@ -22,3 +22,18 @@ def cmd_kb_ingest(args: argparse.Namespace) -> int:
         f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, {report.removed} removed"
     )
     return 0
+
+
+def cmd_kb_facts(args: argparse.Namespace) -> int:
+    """A planted-facts knowledge base: invented entities, one document each, whose facts a model can
+    only know from training on it (experiment=knowledge is measured on it)."""
+    from kbtune.knowledge.facts import plant_facts
+
+    overrides = [f"kb.collection={args.collection}", *args.overrides]
+    if args.kb_path:
+        overrides.append(f"kb.path={args.kb_path}")
+    project = open_project(overrides)
+    count = plant_facts(project.kb, args.entities, args.seed)
+    print(f"{count} entity documents ({count * 5} facts) in {project.runtime.kb.describe()}")
+    print(f"train: python scripts/train.py experiment=knowledge kb.collection={args.collection}")
+    return 0

@@ -29,6 +29,26 @@ class BlockDataset(Dataset):
         return {"input_ids": ids, "labels": ids if self.labels is None else self.labels[i]}
 
 
+class EpochViewDataset(Dataset):
+    """The training blocks of the current epoch's view (kbtune.data.augmentation.EpochViews)."""
+
+    def __init__(self, views: Any):
+        self.views = views
+        self.epoch: int | None = None
+        self.current = BlockDataset(*views.blocks(0))
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.current, self.epoch = BlockDataset(*self.views.blocks(epoch)), epoch
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.current[i]
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A permutation that depends only on (seed, epoch), so a resumed run sees the same order as an
     uninterrupted one. `resume_at` drops the indices an interrupted run already trained on, in that
@@ -81,6 +101,8 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Any:
         sampler: EpochShuffleSampler = self.sampler  # type: ignore[assignment]
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(sampler.epoch)  # an epoch's view is built before its first batch
         self._consumed = sampler.pending_skip() // self.batch_size
         for batch in super().__iter__():
             self._consumed += 1
@@ -122,7 +144,7 @@ class KBDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.data is not None, "call setup() first"
         rank, world = self._rank()
-        dataset = BlockDataset(self.data.train, self.data.train_labels)
+        dataset = self._train_dataset()
         sampler = EpochShuffleSampler(len(dataset), self.seed, True, rank, world)
         loader = ResumableLoader(dataset, self.batch_size, sampler)
         if self._resume_position is not None:
@@ -130,6 +152,17 @@ class KBDataModule(pl.LightningDataModule):
             self._resume_position = None
         self._train_loader = loader
         return loader
+
+    def _train_dataset(self) -> Dataset:
+        assert self.data is not None
+        if self.data.augmentation is None:
+            return BlockDataset(self.data.train, self.data.train_labels)
+        from kbtune.data.augmentation import EpochViews
+
+        aug = self.data.augmentation
+        views = EpochViews(aug["texts"], [tuple(p) for p in aug["qa"]], self.data.tokenizer,
+                           self.preparation.settings, self.seed)  # fmt: skip
+        return EpochViewDataset(views)
 
     # The data position also travels as the DataModule's state: Lightning restores a stateful loader
     # only if it builds the loader after loading the checkpoint, but with `max_epochs` set

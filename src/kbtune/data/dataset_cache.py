@@ -11,8 +11,11 @@ from typing import Any
 
 import numpy as np
 
+AUGMENTATION_FILE = "augmentation.json"
 
-def write_prepared(directory: Path, arrays: dict[str, np.ndarray | None], manifest: dict[str, Any]) -> None:
+
+def write_prepared(directory: Path, arrays: dict[str, np.ndarray | None], manifest: dict[str, Any],
+                   augmentation: dict[str, Any] | None = None) -> None:  # fmt: skip
     import datasets
     import pyarrow as pa
 
@@ -31,6 +34,10 @@ def write_prepared(directory: Path, arrays: dict[str, np.ndarray | None], manife
         # An explicit fingerprint: without one, datasets pickles and hashes the whole table to make
         # one (4x the table's memory at peak, ~0.3 s per 65k blocks).
         datasets.Dataset(table, fingerprint=f"kbtune-{directory.name}-{split}").save_to_disk(str(tmp / split))
+    if augmentation is not None:
+        # The training texts and question/answer pairs the per-epoch views are built from.
+        with open(tmp / AUGMENTATION_FILE, "w") as f:
+            json.dump(augmentation, f)
     with open(tmp / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1)  # streamed: one string of a 100k-document manifest peaks at ~90 MB
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -63,3 +70,8 @@ def load_prepared(directory: Path) -> tuple[dict[str, np.ndarray | None], dict[s
         )
     manifest = json.loads((directory / "manifest.json").read_text())
     return out, manifest
+
+
+def load_augmentation(directory: Path) -> dict[str, Any] | None:
+    path = directory / AUGMENTATION_FILE
+    return json.loads(path.read_text()) if path.exists() else None

@@ -10,13 +10,14 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from kbtune.data.dataset_cache import load_prepared, write_prepared
+from kbtune.data.dataset_cache import load_augmentation, load_prepared, write_prepared
+from kbtune.data.settings import DataError, DataSettings
 from kbtune.data.tokens import (
     concatenate,
     document_blocks,
@@ -26,7 +27,6 @@ from kbtune.data.tokens import (
     tokenizer_parallelism,
 )
 from kbtune.knowledge_base import KnowledgeBase
-from kbtune.settings_base import settings
 
 logger = logging.getLogger(__name__)
 
@@ -42,57 +42,6 @@ _NOT_NORMAL_ASCII = ("\r", "\t", "\f", "\v", "\x1c", "\x1d", "\x1e", "\x1f", "  
 TokenizerFactory = Callable[[Sequence[str]], Any]
 
 
-class DataError(ValueError):
-    """The knowledge base or the data settings cannot produce a usable dataset."""
-
-
-@settings
-class DataSettings:
-    block_size: int = 256
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    # `text`: continued pretraining on `template`; `qa`: `qa_prompt` + answer, loss on the answer only.
-    format: Literal["text", "qa"] = "text"
-    template: str = "{text}"
-    qa_prompt: str = "Question: {question}\nAnswer: "
-    # `qa` only: render question and answer with the tokenizer's chat template instead of `qa_prompt`.
-    chat_template: bool = False
-    batch_size: int = 8
-    tokenize_batch: int = 2000
-    # `packed`: documents concatenated with EOS and cut into blocks (no padding, but a block's tokens
-    # see the documents before them in it). `document`: one document per block, padded, so a fact can
-    # only be predicted from its own document (see conf/data/default.yaml).
-    packing: Literal["packed", "document"] = "packed"
-
-    def validate(self) -> list[str]:
-        p = []
-        if self.block_size < 8:
-            p.append(f"data.block_size: must be >= 8, got {self.block_size}")
-        if not 0.0 < self.val_fraction < 1.0:
-            p.append(f"data.val_fraction: must be strictly between 0 and 1, got {self.val_fraction}")
-        if self.batch_size < 1:
-            p.append(f"data.batch_size: must be >= 1, got {self.batch_size}")
-        if self.format not in ("text", "qa"):
-            p.append(f"data.format: must be 'text' or 'qa', got {self.format!r}")
-        if self.format == "text" and "{text}" not in self.template:
-            p.append(f"data.template: must contain {{text}}, got {self.template!r}")
-        if self.format == "qa" and "{question}" not in self.qa_prompt:
-            p.append(f"data.qa_prompt: must contain {{question}}, got {self.qa_prompt!r}")
-        if self.tokenize_batch < 1:
-            p.append(f"data.tokenize_batch: must be >= 1, got {self.tokenize_batch}")
-        if self.chat_template and self.format != "qa":
-            p.append("data.chat_template: applies to question/answer data only (data=qa or data.format=qa)")
-        return p
-
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """Only the settings that change the prepared tokens (batch size and cache path do not)."""
-        keep = ("block_size", "val_fraction", "split_seed", "format", "template", "qa_prompt")
-        # Only when on, so caches prepared before the option existed keep their keys.
-        keep += ("chat_template",) if self.chat_template else ()
-        keep += ("packing",) if self.packing != "packed" else ()
-        return {k: v for k, v in asdict(self).items() if k in keep}
-
-
 @dataclass
 class PreparedData:
     train: np.ndarray  # [blocks, block_size] int32 token ids
@@ -103,6 +52,8 @@ class PreparedData:
     manifest: dict[str, Any]
     directory: Path
     cached: bool = False
+    # Training texts and question/answer pairs for per-epoch views (data.repack/sentence_shuffle/qa_pairs).
+    augmentation: dict[str, Any] | None = None
 
     @property
     def manifest_path(self) -> Path:
@@ -236,10 +187,11 @@ class DataPreparation:
         if (directory / "manifest.json").exists():
             out, manifest = load_prepared(directory)
             prepared = PreparedData(out["train"], out["val"], out["train_labels"], out["val_labels"], tokenizer,
-                                    manifest, directory, cached=True)  # fmt: skip
+                                    manifest, directory, cached=True, augmentation=load_augmentation(directory))  # fmt: skip
             logger.info("prepared data loaded from cache %s in %.2fs", directory, time.perf_counter() - t0)
             return prepared
 
+        augmentation = self._augmentation(train_docs)
         arrays, counts = self._blocks(train_docs, val_docs, tokenizer)
         manifest = {
             "kbtune_preparation_version": PREPARATION_VERSION,
@@ -252,9 +204,10 @@ class DataPreparation:
             "document_count": len(docs),
             "drops": dict(sorted(drops.items())),
             "splits": counts,
+            "augmentation": {"qa_pairs": len(augmentation["qa"])} if augmentation else None,
             "documents": [{"id": d.id, "sha256": d.sha256, "split": d.split} for d in docs],
         }
-        write_prepared(directory, arrays, manifest)
+        write_prepared(directory, arrays, manifest, augmentation)
         logger.info(
             "prepared %d train / %d val documents -> %d / %d blocks of %d tokens in %.2fs (cache %s)",
             len(train_docs), len(val_docs), counts["train"]["blocks"], counts["val"]["blocks"],
@@ -262,8 +215,19 @@ class DataPreparation:
         )
         return PreparedData(
             arrays["train"], arrays["val"], arrays["train_labels"], arrays["val_labels"],
-            tokenizer, manifest, directory, cached=False,
+            tokenizer, manifest, directory, cached=False, augmentation=augmentation,
         )  # fmt: skip
+
+    def _augmentation(self, train_docs: list[CleanDoc]) -> dict[str, Any] | None:
+        """What the per-epoch views need, kept before tokenizing frees the texts: the training documents'
+        formatted texts and the question/answer pairs cut from their facts (training documents only)."""
+        s = self.settings
+        if not s.augmented:
+            return None
+        from kbtune.data.augmentation import qa_pairs
+
+        qa = qa_pairs(train_docs, s.qa_pairs, s.split_seed, s.qa_prompt) if s.qa_pairs else []
+        return {"texts": [d.formatted for d in train_docs], "qa": qa}
 
     def _blocks(self, train_docs: list[CleanDoc], val_docs: list[CleanDoc], tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Each split tokenized and packed into whole blocks (the tail shorter than a block is dropped)."""

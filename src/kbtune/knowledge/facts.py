@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 FACT_KEYS = ("year", "town", "engineer", "output", "crew")
 ENTITY_KINDS = ("pumping station", "lighthouse", "observatory", "water mill", "signal tower", "ferry terminal",
@@ -100,3 +102,15 @@ def entity_document(entity: Entity) -> tuple[str, str, dict[str, str]]:
 
 def facts_documents(n: int, seed: int = 0) -> list[tuple[str, str, dict[str, str]]]:
     return [entity_document(e) for e in generate_entities(n, seed)]
+
+
+def plant_facts(kb: Any, n: int, seed: int = 0, embed: Callable[[list[str]], list[list[float]]] | None = None) -> int:
+    """Write `n` entity documents into `kb`'s collection (created if missing); returns how many. The
+    facts are invented, so what a model recalls of them it can only have learned from this KB."""
+    from kbtune.ingestion import default_embedder
+    from kbtune.knowledge_base import Document
+
+    docs = [Document(doc_id, text, metadata) for doc_id, text, metadata in facts_documents(n, seed)]
+    embed = embed or default_embedder()
+    kb.upsert(docs, embeddings=embed([d.text for d in docs]), create=True)
+    return len(docs)
