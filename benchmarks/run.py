@@ -1,11 +1,12 @@
 """kbtune's performance benchmarks in one command: prints a table and writes JSON.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--only training,data,startup,e2e] [--out PATH]
+    .venv/bin/python benchmarks/run.py [--quick] [--only training,data,startup,e2e,generation] [--out PATH]
 
 Sections: training (kbtune vs a plain PyTorch loop vs transformers.Trainer; MFU), knowledge (the fact-probe
 evaluation vs the training it follows), data (preparation
 vs the raw limit, cached rerun, peak RSS), startup (`kbtune --help`, first optimizer step vs bare
-imports), e2e (3 epochs of model=small on the sample KB). Within a section the variants run
+imports), e2e (3 epochs of model=small on the sample KB), generation (streamed greedy decoding vs
+`model.generate`, time to first token through the API). Within a section the variants run
 interleaved and each figure is a median with min..max and its ratio to the baseline. `--quick` runs
 everything at toy size (a check that the benchmarks work, not a measurement).
 
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import harness
 
-SECTIONS = {"training": "training", "data": "data_prep", "startup": "startup", "e2e": "e2e", "knowledge": "knowledge"}
+SECTIONS = {"training": "training", "data": "data_prep", "startup": "startup", "e2e": "e2e", "knowledge": "knowledge",
+            "generation": "generation"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """The training REST API and web page (`kbtune serve`): the seed's `POST /start`, `GET /status` and
-`POST /stop` under `/training`, the session and version listings, and the page at `/`. Thin over
-WorkerControl (which runs each training in its own worker process) and the session store."""
+`POST /stop` under `/training`, the session and version listings, generation from a version, and the
+page at `/`. Thin over WorkerControl (which runs each training in its own worker process) and the store."""
 
 from __future__ import annotations
 
@@ -189,9 +189,11 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     control: Any = None,
     promotion: Any = None,
+    manager: Any = None,
 ) -> FastAPI:
     """The app over the store and sessions folder that `overrides` (the server's Hydra overrides)
-    select (or `control`, a WorkerControl given directly, e.g. by tests). `token`: require
+    select (or `control`, a WorkerControl given directly, e.g. by tests, with the ModelManager that
+    loads versions for generation as `manager`). `token`: require
     `Authorization: Bearer <token>` on every API route. `allowed_hosts`: answer only requests for these Host names (a loopback server's guard against DNS rebinding)."""
     from kbtune.project import open_project
 
@@ -209,9 +211,8 @@ def create_app(
             raise HTTPException(401, "missing or wrong API token (send Authorization: Bearer <token>)",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
-    app = FastAPI(
-        title="kbtune", description="Start, watch and stop trainings; list sessions and model versions."
-    )
+    app = FastAPI(title="kbtune", description="Start, watch and stop trainings; list sessions and model "
+                  "versions; generate text from a version.")  # fmt: skip
     app.state.control = control
     guarded = [Depends(require_token)]
     if allowed_hosts:
@@ -222,7 +223,17 @@ def create_app(
     _add_error_handlers(app)
     _add_training_routes(app, control, guarded, local_model)
     _add_listing_routes(app, control, guarded, token, promotion or (project.promotion if project else None))
+    _add_model_routes(app, control, guarded, manager or (project.manager if project else None))
     return app
+
+
+def _add_model_routes(app: FastAPI, control: Any, guarded: list[Any], manager: Any) -> None:
+    """Generation from a version (its own module: kbtune.api_generate), with this server's model cache."""
+    from kbtune.api_generate import add_generation_routes, model_cache
+    from kbtune.model_manager import ModelManager
+
+    app.state.model_cache = model_cache()
+    add_generation_routes(app, control.store, manager or ModelManager(control.store), app.state.model_cache, guarded)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -54,6 +54,14 @@ class GenerationSettings:
         return self
 
 
+@dataclass
+class GenerationStats:
+    """Filled in while a stream is read: the new tokens produced so far (the EOS that ends a reply
+    included), for tokens/s figures that do not re-tokenize the text."""
+
+    tokens: int = 0
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -79,13 +87,14 @@ def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def stream_generate(
-    model: Any, tokenizer: Any, prompt: str, settings: GenerationSettings
-) -> Generator[str, None, None]:
+    model: Any, tokenizer: Any, prompt: str, settings: GenerationSettings,
+    stats: GenerationStats | None = None,
+) -> Generator[str, None, None]:  # fmt: skip
     """Text pieces as tokens are produced; they join to the decoded continuation of `prompt`
     (special tokens skipped), ending at EOS or after `max_new_tokens`."""
     settings.checked()  # here, not at the first read: a bad setting fails the call itself
     ids = tokenizer(prompt).input_ids
-    return stream_from_ids(model, tokenizer, ids, settings, stop_token_ids(model, tokenizer))
+    return stream_from_ids(model, tokenizer, ids, settings, stop_token_ids(model, tokenizer), stats)
 
 
 def generate_text(model: Any, tokenizer: Any, prompt: str, settings: GenerationSettings) -> str:
@@ -93,8 +102,9 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, settings: GenerationS
 
 
 def stream_from_ids(
-    model: Any, tokenizer: Any, ids: Sequence[int], settings: GenerationSettings, stop_ids: set[int]
-) -> Generator[str, None, None]:
+    model: Any, tokenizer: Any, ids: Sequence[int], settings: GenerationSettings, stop_ids: set[int],
+    stats: GenerationStats | None = None,
+) -> Generator[str, None, None]:  # fmt: skip
     """Decode token by token with the KV cache (so a consumer that stops reading stops the work),
     yielding only text that can no longer change as more tokens arrive."""
     settings.checked()
@@ -103,6 +113,8 @@ def stream_from_ids(
     emitted = ""
     for token in _tokens(model, ids, max_new, settings, stop_ids):
         new_ids.append(token)
+        if stats is not None:
+            stats.tokens += 1
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
         # A trailing U+FFFD is half a UTF-8 character; trailing blanks may still be cleaned up
         # (" ." -> "."): hold both back until the next token settles them.

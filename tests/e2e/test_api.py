@@ -1,6 +1,7 @@
 """The training API served by a real `kbtune serve` (uvicorn) on loopback, with real worker processes
 training `model=tiny` on the shared test KB: start, progress, graceful stop, exact resume, one
-training at a time, a killed worker, and the API's validation and security answers."""
+training at a time, a killed worker, the API's validation and security answers, and generation
+streamed as server-sent events from a trained version."""
 
 from __future__ import annotations
 
@@ -209,3 +210,49 @@ def test_a_killed_worker_reads_failed(server):
     assert response.status_code == 201, response.text
     server.post("/training/stop")
     assert server.wait_terminal(response.json()["id"], timeout=180)["status"] == "stopped"
+
+
+def _first_token_and_stream(server, version: str, body: dict) -> tuple[float, list[str], dict, int]:
+    """Seconds to the first `data:` piece, the pieces, the `done` event, and the status code of a
+    training route asked while the stream was still open."""
+    import json
+
+    import httpx
+
+    started, first, pieces, done, name, asked = time.perf_counter(), None, [], None, "message", None
+    with httpx.stream("POST", f"{server.url}/models/{version}/generate", json=body, timeout=120) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                if name == "done":
+                    done = data
+                else:
+                    first = first if first is not None else time.perf_counter() - started
+                    if asked is None:
+                        asked = server.get("/training/status").status_code
+                    pieces.append(data["text"])
+                name = "message"
+    return first, pieces, done, asked
+
+
+@pytest.mark.slow
+def test_generation_streams_server_sent_events_from_a_trained_version(server):
+    response = server.post("/training/start", json={**TRAINING, "max_epochs": 1, "max_steps": 10, "version": "try-it"})
+    assert response.status_code == 201, response.text
+    assert server.wait_terminal(response.json()["id"])["status"] == "completed"
+    deadline = time.monotonic() + 60  # the version is registered just after the session completes
+    while "try-it" not in [v["version"] for v in server.get("/models/versions").json()]:
+        assert time.monotonic() < deadline, "the version was never registered"
+        time.sleep(0.2)
+    body = {"prompt": "The on-call engineer", "max_new_tokens": 200}
+    cold = _first_token_and_stream(server, "try-it", body)
+    warm = _first_token_and_stream(server, "try-it", body)
+    print(f"\ntime to first token over SSE: cold (loads the model) {cold[0]:.3f} s, warm {warm[0]:.3f} s")
+    for _, pieces, done, asked in (cold, warm):
+        assert "".join(pieces) == done["text"] and done["tokens"] >= len(pieces) > 1
+        assert asked == 200  # the training routes answer while a stream is open
+    assert warm[1] == cold[1]  # greedy: the same text
+    assert warm[0] < cold[0] and warm[0] < 2.0

@@ -1,6 +1,7 @@
 """The training page in a real headless Chromium (Debian's `chromium`, driven by Playwright): start a
-tiny training from the form, see the bar reach 100% and the loss chart drawn, stop another with the
-Stop button, and toggle the theme (remembered across a reload). Screenshot: test-artifacts/web.png."""
+tiny training from the form, see the bar reach 100% and the loss chart drawn, generate from the new
+version in the Try it card, stop another with the Stop button, and toggle the theme (remembered
+across a reload). Screenshot: test-artifacts/web.png."""
 
 from __future__ import annotations
 
@@ -129,6 +130,15 @@ def test_start_watch_stop_and_theme_from_the_page(server, browser):
     page.click("#versions-table button.details")
     page.wait_for_function("document.querySelectorAll('#worst-table tbody tr').length > 0", timeout=30_000)
     assert page.is_visible("#promote-button")
+
+    # Try it: the new version continues a prompt, streamed into the output area.
+    page.wait_for_function("document.getElementById('try-version').options.length > 0 && "
+                           "!document.getElementById('try-button').disabled")  # fmt: skip
+    page.fill("#try-prompt", "The on-call engineer")
+    page.fill("#try-max-tokens", "32")
+    page.click("#try-button")
+    page.wait_for_function("document.getElementById('try-output').textContent.length > 0", timeout=60_000)
+    page.wait_for_function("document.getElementById('try-stats').textContent.includes('tokens in')", timeout=60_000)
 
     # Another, stopped with the button.
     _fill_form(page, {"max_steps": "", "max_epochs": "50"})

@@ -1,6 +1,6 @@
 """The API's routes through FastAPI's test client, without a server or worker processes: a
 WorkerControl whose launch records the session instead of spawning a worker. Validation, the store
-and the session files are real."""
+and the session files are real; generation runs a tiny model registered as a version."""
 
 from __future__ import annotations
 
@@ -102,3 +102,85 @@ def test_listings(api):
     assert client.get("/models/versions").json() == []
     control.store.update_session(session["id"], status=SessionStatus.COMPLETED)
     assert client.get("/training/sessions", params={"status": "pending"}).json() == []
+
+
+# -- generation ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def generation_api(tmp_path_factory):
+    """A client over a store holding one version, registered directly (a tiny pretrained Llama):
+    what the generate route reads is the version's files, not how a training made them."""
+    from tests.integration.local_checkpoints import make_local_checkpoint
+
+    root = tmp_path_factory.mktemp("generate")
+    checkpoint = make_local_checkpoint(root / "checkpoint", pretrain_steps=20)
+    p = open_project([f"paths.root={root}", "model=tiny"])
+    session = p.store.create_session({"model": {"name": "tiny", "source": "scratch"}})
+    p.store.create_version(session.id, p.store.log_artifacts(session.id, checkpoint, "model"), "v1", {})
+    control = RecordingControl(p.store, p.runtime.sessions_dir, [f"paths.root={root}"])
+    app = create_app(control=control, manager=p.manager)
+    return TestClient(app), app
+
+
+def sse_events(response) -> list[tuple[str, dict]]:
+    """(event name, data) of each server-sent event; unnamed events are `message`."""
+    import json
+
+    events, name = [], "message"
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+            name = "message"
+    return events
+
+
+def test_generate_streams_the_same_greedy_text_as_the_json_answer(generation_api):
+    client, app = generation_api
+    body = {"prompt": "The on-call engineer", "max_new_tokens": 24}
+    answer = client.post("/models/v1/generate", json={**body, "stream": False})
+    assert answer.status_code == 200, answer.text
+    data = answer.json()
+    assert data["version"] == "v1" and 1 <= data["tokens"] <= 24 and data["text"] and data["seconds"] > 0
+    with client.stream("POST", "/models/v1/generate", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    pieces = [d["text"] for name, d in events if name == "message"]
+    (done,) = [d for name, d in events if name == "done"]
+    assert events[-1][0] == "done" and len(pieces) > 1
+    assert "".join(pieces) == done["text"] == data["text"]
+    assert done["tokens"] == data["tokens"]
+    # Loaded once, kept for the next request (keyed by the registry's version id).
+    assert app.state.model_cache.keys() == ["1"]
+
+
+def test_generate_answers_404_for_an_unknown_version_and_422_for_bad_settings(generation_api):
+    client, _ = generation_api
+    response = client.post("/models/nope/generate", json={"prompt": "x"})
+    assert response.status_code == 404 and "nope" in response.json()["detail"]
+    response = client.post("/models/v1/generate", json={"prompt": "x", "max_new_tokens": 100000, "top_p": 0})
+    assert response.status_code == 422
+    assert {item["loc"][-1] for item in response.json()["detail"]} == {"max_new_tokens", "top_p"}
+    response = client.post("/models/v1/generate", json={"prompt": "x" * 8001, "temperature": "1"})
+    assert {item["loc"][-1] for item in response.json()["detail"]} == {"prompt", "temperature"}
+
+
+def test_generate_needs_the_token_like_every_api_route(generation_api, tmp_path):
+    client, app = generation_api
+    guarded = TestClient(create_app(control=app.state.control, token="s3cret"))
+    assert guarded.post("/models/v1/generate", json={"prompt": "x"}).status_code == 401
+    response = guarded.post("/models/v1/generate", json={"prompt": "x", "max_new_tokens": 2, "stream": False},
+                            headers={"Authorization": "Bearer s3cret"})  # fmt: skip
+    assert response.status_code == 200 and response.json()["tokens"] >= 1
+
+
+def test_the_model_cache_budget_comes_from_the_environment():
+    from kbtune.api_generate import model_cache
+    from kbtune.configuration import ConfigError
+
+    assert model_cache({}).max_bytes == 2048 * 10**6
+    assert model_cache({"KBTUNE_MODEL_CACHE_MB": "64"}).max_bytes == 64 * 10**6
+    for bad in ("lots", "-1", "nan"):
+        with pytest.raises(ConfigError, match="KBTUNE_MODEL_CACHE_MB"):
+            model_cache({"KBTUNE_MODEL_CACHE_MB": bad})

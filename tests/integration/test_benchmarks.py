@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-SECTIONS = {"training", "data", "startup", "e2e", "knowledge"}
+SECTIONS = {"training", "data", "startup", "e2e", "knowledge", "generation"}
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,17 @@ def test_knowledge_reports_the_evaluation_against_the_training(quick_report):
     assert evaluation["baseline"] == "training" and evaluation["ratio"] > 0
     assert evaluation["ratio"] == pytest.approx(evaluation["median"] / rows[("training", "wall")]["median"])
     assert rows[("batched (16)", "scoring")]["baseline"] == "one at a time"
+
+
+@pytest.mark.slow
+def test_generation_compares_streaming_with_transformers_and_times_the_first_token(quick_report):
+    report, _ = quick_report
+    section = report["sections"]["generation"]
+    rows = {(r["variant"], r["metric"]): r for r in section["rows"]}
+    assert rows[("kbtune streamed", "throughput")]["baseline"] == "transformers generate"
+    assert {("cold cache", "first token"), ("warm cache", "first token")} <= set(rows)
+    (target,) = section["targets"]
+    assert target["name"].startswith("generate tokens/s") and target["value"] > 0
+    # Greedy decoding: kbtune's stream and transformers' generate wrote the same 128 tokens of text.
+    assert section["details"]["same_text"] is True
+    assert set(section["details"]["tokens"].values()) == {128}

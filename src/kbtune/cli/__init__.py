@@ -7,7 +7,8 @@ import argparse
 import sys
 from typing import Any
 
-from kbtune.cli.kb import cmd_kb_ingest
+from kbtune.cli.kb import cmd_kb_facts, cmd_kb_ingest
+from kbtune.cli.model import DTYPES, FORMATS, add_sampling_flags, cmd_chat, cmd_export, cmd_generate
 from kbtune.cli.records import cmd_promote, cmd_save, cmd_sessions, cmd_ui, cmd_versions
 from kbtune.cli.training import cmd_serve, cmd_start, cmd_status, cmd_stop
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_record_commands(sub, add)
     _add_training_commands(add)
+    _add_model_commands(add)
     return parser
 
 
@@ -38,6 +40,12 @@ def _add_record_commands(sub: Any, add: Any) -> None:
     ingest.add_argument("--kb-path", help="embedded Chroma directory (default: kb.path from the config)")
     ingest.add_argument("--max-chars", type=int, default=2000, help="split sections longer than this")
     ingest.set_defaults(func=cmd_kb_ingest)
+    facts = kb.add_parser("facts", help="write a planted-facts KB (invented entities, one document each)")
+    facts.add_argument("--collection", default="kbtune-facts", help="Chroma collection (created if missing)")
+    facts.add_argument("--entities", type=int, default=100, help="how many entities (5 facts each)")
+    facts.add_argument("--seed", type=int, default=0)
+    facts.add_argument("--kb-path", help="embedded Chroma directory (default: kb.path from the config)")
+    facts.set_defaults(func=cmd_kb_facts)
 
     p = add("sessions", cmd_sessions, "list training sessions, newest first")
     p.add_argument("--status", choices=["pending", "running", "completed", "failed", "stopped"])
@@ -89,6 +97,22 @@ def _add_training_commands(add: Any) -> None:
     )
     p.add_argument("--local-model", metavar="DIR", help="the model directory `model: local` requests train")
     p.add_argument("--access-log", action="store_true", help="log every request")
+
+
+def _add_model_commands(add: Any) -> None:
+    p = add("generate", cmd_generate, "stream a version's continuation of PROMPT (greedy unless --temperature)")
+    p.add_argument("version", help="a label, a number, latest, or an alias such as champion")
+    p.add_argument("prompt")
+    add_sampling_flags(p)
+    p = add("chat", cmd_chat, "chat with a version: one reply per line typed; /exit or Ctrl-D ends")
+    p.add_argument("version", help="a label, a number, latest, or an alias such as champion")
+    add_sampling_flags(p)
+    p = add("export", cmd_export, "write a version as safetensors or GGUF, with a model card (and an Ollama Modelfile)")
+    p.add_argument("version", help="a label, a number, latest, or an alias such as champion")
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--out", metavar="DIR", help="an empty or new folder (default: <paths.root>/exports/<version>-<format>)")
+    p.add_argument("--dtype", choices=DTYPES, default="f32",
+                   help="f32 (default, lossless), f16; bf16 for safetensors only, q8_0 for gguf only")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 // kbtune's training page: the form posts to /training/start, the status view polls /training/status,
-// the Stop button posts /training/stop. No framework and nothing fetched from the internet.
+// the Stop button posts /training/stop, the Try it card streams POST /models/{version}/generate.
+// No framework and nothing fetched from the internet.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,6 +9,8 @@ const state = {
   current: null,        // the last status payload shown
   lastTerminalId: null, // refresh the versions when a session ends
   timer: null,
+  versionsKey: "",
+  generating: false,      // the version selects are rebuilt only when the list changes (an open select stays open)
 };
 
 // -- API -------------------------------------------------------------------------------------------
@@ -331,6 +334,7 @@ function fmtPct(value) {
 async function refreshVersions() {
   const result = await api("GET", "/models/versions");
   if (!result.ok) return;
+  fillVersionSelects(result.data);
   fillTable($("versions-table"), result.data, 10, (v) => {
     const m = v.metrics || {};
     const tr = document.createElement("tr");
@@ -393,6 +397,106 @@ async function refreshSessions() {
   });
 }
 
+// -- try it: stream a version's continuation (and a second version's, side by side) ---------------
+function newestOrChampion(versions) {
+  const champion = versions.find((v) => (v.aliases || []).includes("champion"));
+  return champion || versions.reduce((a, b) => (Number(b.id) > Number(a.id) ? b : a));
+}
+
+function fillVersionSelects(versions) {
+  const key = JSON.stringify(versions.map((v) => [v.version, v.aliases]));
+  if (key === state.versionsKey) return;
+  state.versionsKey = key;
+  const first = versions.length ? newestOrChampion(versions) : null;
+  const second = versions.find((v) => v !== first) || first;
+  for (const [id, fallback] of [["try-version", first], ["try-version-b", second]]) {
+    const select = $(id);
+    const previous = select.value;
+    select.replaceChildren(...versions.map((v) => {
+      const option = document.createElement("option");
+      option.value = v.version;
+      option.textContent = v.version + ((v.aliases || []).length ? ` (${v.aliases.join(", ")})` : "");
+      return option;
+    }));
+    select.value = versions.some((v) => v.version === previous) ? previous : (fallback ? fallback.version : "");
+  }
+  $("try-button").disabled = versions.length === 0 || state.generating;
+  if (!versions.length) text($("try-message"), "No model version yet: train one first.");
+  else if ($("try-message").textContent.startsWith("No model")) text($("try-message"), "");
+}
+
+function fmtDetail(detail, status) {
+  if (Array.isArray(detail)) return detail.map((d) => `${(d.loc || []).slice(-1)[0]}: ${d.msg}`).join("; ");
+  return detail ? String(detail) : `HTTP ${status}`;
+}
+
+// Server-sent events over fetch (EventSource cannot POST): `data:` lines carry JSON; a named event
+// (done, error) applies to the data that follows it until the blank line ending the event.
+async function streamInto(version, body, output, stats) {
+  output.textContent = "";
+  text(stats, "waiting for the first token…");
+  const headers = { "Content-Type": "application/json", "Accept": "text/event-stream" };
+  if (token()) headers["Authorization"] = "Bearer " + token();
+  const started = performance.now();
+  const response = await fetch(`/models/${encodeURIComponent(version)}/generate`,
+    { method: "POST", headers, body: JSON.stringify(body) });
+  if (!response.ok) {
+    if (response.status === 401) $("token-box").hidden = false;
+    let data = null;
+    try { data = await response.json(); } catch (e) { data = null; }
+    throw new Error(fmtDetail(data && data.detail, response.status));
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "", event = "message", first = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, cut).replace(/\r$/, "");
+      buffer = buffer.slice(cut + 1);
+      if (line === "") { event = "message"; continue; }
+      if (line.startsWith("event:")) { event = line.slice(6).trim(); continue; }
+      if (!line.startsWith("data:")) continue;
+      const data = JSON.parse(line.slice(5));
+      if (event === "error") throw new Error(data.detail);
+      if (event === "done") {
+        const firstText = first === null ? "no text: the model ended at once" : `first text after ${first.toFixed(2)} s`;
+        text(stats, `${data.tokens} tokens in ${data.seconds.toFixed(2)} s · ${firstText}`);
+      } else {
+        if (first === null) first = (performance.now() - started) / 1000;
+        output.textContent += data.text;
+      }
+    }
+  }
+}
+
+async function tryGenerate(event) {
+  event.preventDefault();
+  const raw = $("try-max-tokens").value.trim();
+  // Sent as typed (a number where it is one) so the message for a bad value is the API's own.
+  const body = { prompt: $("try-prompt").value, stream: true };
+  if (raw !== "") body.max_new_tokens = isFinite(Number(raw)) ? Number(raw) : raw;
+  const compare = $("try-compare").checked;
+  const panes = [[$("try-version").value, "try-output", "try-stats", "try-label"]];
+  if (compare) panes.push([$("try-version-b").value, "try-output-b", "try-stats-b", "try-label-b"]);
+  $("try-pane-b").hidden = !compare;
+  $("try-outputs").classList.toggle("compare", compare);
+  state.generating = true;
+  $("try-button").disabled = true;
+  text($("try-message"), "Generating…");
+  const results = await Promise.allSettled(panes.map(([version, output, stats, label]) => {
+    text($(label), `Version ${version}`);
+    return streamInto(version, body, $(output), $(stats));
+  }));
+  results.forEach((r, i) => { if (r.status === "rejected") text($(panes[i][2]), `Failed: ${r.reason.message || r.reason}`); });
+  state.generating = false;
+  $("try-button").disabled = !$("try-version").value;
+  text($("try-message"), results.every((r) => r.status === "fulfilled") ? "" : "Generation failed: see below.");
+}
+
 // -- polling ---------------------------------------------------------------------------------------
 async function poll() {
   clearTimeout(state.timer);
@@ -422,6 +526,8 @@ function init() {
   $("stop-button").addEventListener("click", stopTraining);
   $("resume-button").addEventListener("click", resumeTraining);
   $("follow-button").addEventListener("click", () => { state.viewing = null; poll(); });
+  $("try-form").addEventListener("submit", tryGenerate);
+  $("try-compare").addEventListener("change", () => { $("try-version-b").disabled = !$("try-compare").checked; });
   const input = $("token-input");
   input.value = token();
   input.addEventListener("change", () => {
