@@ -72,7 +72,7 @@ class Probe:
 class ProbeSettings:
     max_per_document: int = 3
     # Cap over the whole set; the splits share it equally so the held-out rate is as precise as the trained one.
-    max_probes: int | None = 1000
+    max_probes: int | None = 300
     n_distractors: int = 3
     seed: int = 0
     # Longest name or quoted term taken as an answer; longer runs are headings or quotations, not facts.
