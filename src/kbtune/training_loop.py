@@ -20,6 +20,9 @@ class TrainerSettings:
     max_epochs: int = 3
     max_steps: int = -1
     val_check_interval: float | int = 1.0
+    # Validate (and checkpoint) every N epochs: on a small KB trained for many epochs the per-epoch
+    # validation and checkpoint are a fixed cost that can exceed the training itself.
+    check_val_every_n_epoch: int = 1
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     # `auto`: bf16-mixed where the CPU/GPU supports bf16, else 32-true.
@@ -56,6 +59,8 @@ class TrainerSettings:
             p.append(f"trainer.val_check_interval: a fraction must be in (0, 1], got {self.val_check_interval}")
         if isinstance(self.val_check_interval, int) and not isinstance(self.val_check_interval, bool) and self.val_check_interval < 1:
             p.append(f"trainer.val_check_interval: a step count must be >= 1, got {self.val_check_interval}")
+        if self.check_val_every_n_epoch < 1:
+            p.append(f"trainer.check_val_every_n_epoch: must be >= 1, got {self.check_val_every_n_epoch}")
         if self.log_every_n_steps < 1:
             p.append(f"trainer.log_every_n_steps: must be >= 1, got {self.log_every_n_steps}")
         return p
@@ -159,6 +164,7 @@ class TrainingLoop:
             max_epochs=s.max_epochs,
             max_steps=s.max_steps,
             val_check_interval=s.val_check_interval,
+            check_val_every_n_epoch=s.check_val_every_n_epoch,
             accumulate_grad_batches=s.accumulate_grad_batches,
             gradient_clip_val=s.gradient_clip_val or None,
             precision=precision,
