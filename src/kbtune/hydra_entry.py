@@ -75,14 +75,18 @@ def precheck(cfg: Any, config_name: str | None, checked_data: set[str] | None = 
     (the prepared data is cached, so the job reuses it). `checked_data` skips data already checked."""
     if not is_rank_zero():
         return  # rank zero checked everything before it launched this process
+    from kbtune.project import Project
+
     data = to_container(cfg)
     if config_name == "evaluate":
         from kbtune.jobs import evaluation_settings
 
-        load_runtime(data)
         evaluation_settings(data)
+        Project(data, load_runtime(data)).check_store()
         return
     plan, runtime = load(data)
+    # The store first: an unreachable one would otherwise fail the job only after MLflow's retries.
+    Project(data, runtime).check_store()
     if data.get("resume"):
         return  # the stored session config is validated when the job loads it
     data_key = repr((plan.data, plan.model, runtime.kb, runtime.cache_dir))
@@ -90,8 +94,6 @@ def precheck(cfg: Any, config_name: str | None, checked_data: set[str] | None = 
         if data_key in checked_data:
             return
         checked_data.add(data_key)
-    from kbtune.project import Project
-
     Project(data, runtime).prepare(plan)
 
 

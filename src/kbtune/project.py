@@ -96,10 +96,17 @@ class Project:
         from kbtune.tracking.mlflow_store import MlflowStore
 
         t = self.runtime.tracking
+        self.check_store()
         if t.uri.startswith("sqlite:"):
             Path(t.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         logger.info("tracking store: %s (experiment %r)", t.uri, t.experiment)
         return MlflowStore(t.uri, t.experiment, t.registered_model, t.artifact_location)
+
+    def check_store(self) -> None:
+        """StoreUnavailable (naming tracking.uri) within seconds unless the store answers; creates nothing."""
+        from kbtune.tracking.reachability import check_store
+
+        check_store(self.runtime.tracking.uri, self.runtime.tracking.experiment)
 
     @cached_property
     def kb(self) -> Any:
