@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from kbtune.settings_base import settings
 
@@ -18,6 +22,11 @@ SAMPLE_COLLECTION = "kbtune-sample"
 
 class KnowledgeBaseError(ValueError):
     """A knowledge-base problem the user must fix (missing collection, bad filter...)."""
+
+
+class KnowledgeBaseUnavailable(KnowledgeBaseError):
+    """The store itself cannot be used now: locked by another process, corrupted, or failing inside
+    Chroma. Not the request's fault (the API answers 503)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class KBSettings:
     ssl: bool = False
     where: dict[str, Any] | None = None
     page_size: int = 1000
+    # Seconds to wait for another process's write lock on the embedded store before giving up.
+    lock_timeout: float = 10.0
 
     def validate(self) -> list[str]:
         problems = []
@@ -50,6 +61,8 @@ class KBSettings:
             problems.append(f"kb.page_size: must be in [1, 5000], got {self.page_size}")
         if self.backend == "chroma_http" and not 0 < self.port < 65536:
             problems.append(f"kb.port: not a TCP port: {self.port}")
+        if not 0 < self.lock_timeout <= 3600:
+            problems.append(f"kb.lock_timeout: must be in (0, 3600] seconds, got {self.lock_timeout}")
         if self.where is not None and not isinstance(self.where, dict):
             problems.append(f"kb.where: must be a Chroma metadata filter mapping, got {self.where!r}")
         return problems
@@ -59,6 +72,73 @@ class KBSettings:
             return f"chroma://{self.path}#{self.collection}"
         scheme = "https" if self.ssl else "http"
         return f"{scheme}://{self.host}:{self.port}#{self.collection}"
+
+
+# The embedded store's database; and tables every Chroma store has had since 0.4.
+STORE_FILE = "chroma.sqlite3"
+_CHROMA_TABLES = {"collections", "embeddings", "embedding_metadata"}
+
+
+def probe_store(path: Path, timeout: float) -> None:
+    """KnowledgeBaseUnavailable naming `path` unless the store is a readable Chroma database that no
+    other process keeps locked for more than `timeout` seconds. Writes nothing: a damaged store is
+    left exactly as it is for its owner to recover."""
+    if not path.exists() or path.stat().st_size == 0:
+        return  # a new store: Chroma creates it
+    hint = "restore it from a backup or ingest the documents again into a new kb.path"
+    uri = f"file:{quote(str(path))}"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            checked = [row[0] for row in db.execute("PRAGMA quick_check")]
+        # Chroma's start writes: wait for another writer here, where the wait is bounded and releases
+        # the GIL. BEGIN IMMEDIATE takes the write lock; ROLLBACK gives it back with nothing written.
+        with contextlib.closing(sqlite3.connect(f"{uri}?mode=rw", uri=True, timeout=timeout,
+                                                isolation_level=None)) as db:  # fmt: skip
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise KnowledgeBaseUnavailable(
+                f"kb.path: the Chroma store {path} is locked by another process (waited {timeout:g} s, "
+                "kb.lock_timeout); let that process finish, or point kb.path at another store"
+            ) from exc
+        raise KnowledgeBaseUnavailable(f"kb.path: the Chroma store {path} cannot be used ({exc})") from exc
+    except sqlite3.DatabaseError as exc:
+        raise KnowledgeBaseUnavailable(f"kb.path: the Chroma store {path} is corrupted ({exc}); {hint}") from exc
+    if checked != ["ok"]:
+        problem = " ".join(line for line in checked[0].splitlines() if not line.startswith("***"))[:200]
+        raise KnowledgeBaseUnavailable(f"kb.path: the Chroma store {path} is corrupted ({problem}); {hint}")
+    if not tables >= _CHROMA_TABLES:
+        raise KnowledgeBaseUnavailable(f"kb.path: {path} is an SQLite database but not a Chroma store")
+
+
+@contextlib.contextmanager
+def chroma_errors(settings: KBSettings) -> Iterator[None]:
+    """Chroma's failures on a store damaged under it (its InternalError, a Rust panic, the missing
+    attribute of a client whose start failed) as one error naming the store."""
+    try:
+        yield
+    except KnowledgeBaseError:
+        raise
+    except BaseException as exc:
+        from chromadb.errors import InternalError
+
+        inside_chroma = isinstance(exc, AttributeError) and "chromadb" in str(_last_frame(exc))
+        if isinstance(exc, InternalError) or type(exc).__name__ == "PanicException" or inside_chroma:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise KnowledgeBaseUnavailable(
+                f"kb.path: Chroma failed on the store {settings.describe()} ({first_line}); it may be "
+                "damaged: restore it from a backup or ingest the documents again into a new kb.path"
+            ) from exc
+        raise
+
+
+def _last_frame(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename if tb is not None else ""
 
 
 class KnowledgeBase:
@@ -76,7 +156,11 @@ class KnowledgeBase:
         # Chroma's product telemetry would try the network on every client start.
         chroma_settings = Settings(anonymized_telemetry=False)
         if settings.backend == "chroma":
-            client = chromadb.PersistentClient(path=settings.path, settings=chroma_settings)
+            # Chroma's client start writes to the store and waits, holding the GIL, for as long as
+            # another process holds a lock on it: check first, from Python, with a timeout.
+            probe_store(Path(settings.path) / STORE_FILE, settings.lock_timeout)
+            with chroma_errors(settings):
+                client = chromadb.PersistentClient(path=settings.path, settings=chroma_settings)
         else:
             client = chromadb.HttpClient(
                 host=settings.host, port=settings.port, ssl=settings.ssl, settings=chroma_settings
@@ -98,7 +182,8 @@ class KnowledgeBase:
         return self.collection_name in self.list_collections()
 
     def list_collections(self) -> list[str]:
-        return sorted(c if isinstance(c, str) else c.name for c in self._client.list_collections())
+        with chroma_errors(self.settings):
+            return sorted(c if isinstance(c, str) else c.name for c in self._client.list_collections())
 
     def _collection(self):
         if not self.exists():
@@ -108,10 +193,13 @@ class KnowledgeBase:
                 f"{self.settings.describe()} (existing: {known}); ingest documents with "
                 f"`kbtune kb ingest PATH --collection {self.collection_name}` or set kb.collection"
             )
-        return self._client.get_collection(self.collection_name, embedding_function=None)
+        with chroma_errors(self.settings):
+            return self._client.get_collection(self.collection_name, embedding_function=None)
 
     def count(self) -> int:
-        return self._collection().count()
+        collection = self._collection()
+        with chroma_errors(self.settings):
+            return collection.count()
 
     def iter_pages(self, where: dict[str, Any] | None = None, page_size: int | None = None) -> Iterator[list[Document]]:
         """Yield the collection's documents a page at a time; only one raw page is held at once."""
@@ -121,9 +209,12 @@ class KnowledgeBase:
         offset = 0
         while True:
             try:
-                raw = collection.get(
-                    where=where or None, limit=size, offset=offset, include=["documents", "metadatas"]
-                )
+                with chroma_errors(self.settings):
+                    raw = collection.get(
+                        where=where or None, limit=size, offset=offset, include=["documents", "metadatas"]
+                    )
+            except KnowledgeBaseError:
+                raise
             except ValueError as exc:  # Chroma validates filters client-side with ValueError
                 raise KnowledgeBaseError(f"kb.where: Chroma rejected the filter {where!r}: {exc}") from exc
             ids = raw["ids"]
@@ -147,7 +238,8 @@ class KnowledgeBase:
         size = self.settings.page_size
         for start in range(0, len(ids), size):
             chunk = list(ids[start : start + size])
-            raw = collection.get(ids=chunk, include=["documents", "metadatas"])
+            with chroma_errors(self.settings):
+                raw = collection.get(ids=chunk, include=["documents", "metadatas"])
             for i, d, m in zip(raw["ids"], raw["documents"], raw["metadatas"], strict=True):
                 found[i] = Document(i, d, dict(m or {}))
         return [found[i] for i in ids if i in found]

@@ -164,8 +164,9 @@ class Project:
         sample, which is created on first use."""
         from kbtune.knowledge_base import SAMPLE_COLLECTION
 
+        kb = self.kb  # connecting checks the store itself (locked, corrupted), the sample's too
         if self.runtime.kb.collection != SAMPLE_COLLECTION:
-            self.kb.count()
+            kb.count()
 
     def prepare(self, plan: TrainingPlan) -> Any:
         """Prepared data for `plan` (cached by content): DataError before any session exists."""
