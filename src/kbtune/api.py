@@ -66,7 +66,7 @@ class StartRequest(BaseModel):
     # Strict: `"3"` is not an epoch count and `true` is not a batch size.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    resume: str | None = None
+    resume: str | None = Field(None, max_length=64)
     model: Literal["tiny", "small", "local"] | None = None
     max_epochs: int | None = None
     max_steps: int | None = None
@@ -74,11 +74,11 @@ class StartRequest(BaseModel):
     warmup_steps: int | None = None
     batch_size: int | None = None
     block_size: int | None = None
-    collection: str | None = None
+    collection: str | None = Field(None, max_length=512)
     val_check_interval: int | float | None = None
-    precision: str | None = None
+    precision: str | None = Field(None, max_length=32)
     seed: int | None = None
-    version: str | None = None
+    version: str | None = Field(None, max_length=200)
     # `register` itself would shadow BaseModel.register.
     register_version: bool | None = Field(None, alias="register")
     # Anything else the command line accepts, e.g. ["finetune=lora", "data=qa",
@@ -174,8 +174,9 @@ def _field_of(problem: str) -> str | None:
 
 def unprocessable(problems: list[tuple[str | None, str]]) -> JSONResponse:
     """422 in FastAPI's own shape, so the page shows config problems like pydantic's."""
+    from kbtune.api_guard import short
     detail = [
-        {"loc": ["body", field] if field else ["body"], "msg": msg, "type": "value_error.config"}
+        {"loc": ["body", field] if field else ["body"], "msg": short(msg), "type": "value_error.config"}
         for field, msg in problems
     ]
     return JSONResponse(status_code=422, content={"detail": detail})
@@ -195,6 +196,7 @@ def create_app(
     select (or `control`, a WorkerControl given directly, e.g. by tests, with the ModelManager that
     loads versions for generation as `manager`). `token`: require
     `Authorization: Bearer <token>` on every API route. `allowed_hosts`: answer only requests for these Host names (a loopback server's guard against DNS rebinding)."""
+    from kbtune.api_guard import add_guards
     from kbtune.project import open_project
 
     project = None
@@ -221,6 +223,7 @@ def create_app(
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
 
     _add_error_handlers(app)
+    add_guards(app)
     _add_training_routes(app, control, guarded, local_model)
     _add_listing_routes(app, control, guarded, token, promotion or (project.promotion if project else None))
     _add_model_routes(app, control, guarded, manager or (project.manager if project else None))
@@ -243,7 +246,9 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(NotFoundError)
     def not_found(request: Request, exc: NotFoundError) -> JSONResponse:
-        return JSONResponse(status_code=404, content={"detail": str(exc)})
+        from kbtune.api_guard import short
+
+        return JSONResponse(status_code=404, content={"detail": short(str(exc))})  # ids come from the URL
 
     @app.exception_handler(TrainingBusy)
     def busy(request: Request, exc: TrainingBusy) -> JSONResponse:
@@ -267,7 +272,8 @@ def _session_id_ok(session_id: str | None) -> str | None:
 def _add_training_routes(app: FastAPI, control: Any, guarded: list[Any], local_model: str | None) -> None:
     """The seed's three routes: start, status, stop."""
     from kbtune.configuration import ConfigError
-    from kbtune.knowledge_base import KnowledgeBaseError
+    from kbtune.knowledge_base import KnowledgeBaseError, KnowledgeBaseUnavailable
+    from kbtune.tracking.reachability import StoreUnavailable
 
     @app.post("/training/start", status_code=201, dependencies=guarded)
     def start(request: StartRequest) -> Any:
@@ -278,6 +284,8 @@ def _add_training_routes(app: FastAPI, control: Any, guarded: list[Any], local_m
             return control.describe(session)
         try:
             session = control.start(request.to_overrides(local_model), origin="api")
+        except (KnowledgeBaseUnavailable, StoreUnavailable):
+            raise  # the server's stores, not the request: 503 (api_guard)
         except ConfigErrorOnField as exc:
             return unprocessable([(exc.field, str(exc))])
         except ConfigError as exc:

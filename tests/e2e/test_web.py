@@ -179,3 +179,54 @@ def test_start_watch_stop_and_theme_from_the_page(server, browser):
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
     assert outside == []  # nothing was fetched from anywhere but the server
+
+
+# A page on another site (here: another loopback port) that submits forms to the server as soon as it
+# loads: the classic cross-site request. `text/plain` lets a form send a body shaped like JSON.
+ATTACK_PAGE = """<!doctype html><title>elsewhere</title>
+<form id="stop" method="post" action="{url}/training/stop?session_id={session_id}"></form>
+<form id="start" method="post" action="{url}/training/start" enctype="text/plain" target="second">
+  <input name='{{"model": "tiny", "x": "' value='"}}'></form>
+<iframe name="second"></iframe>
+<script>document.getElementById("start").submit(); setTimeout(() => document.getElementById("stop").submit(), 500);</script>"""
+
+
+@pytest.fixture
+def other_site(tmp_path):
+    """A static web server on another loopback port, serving files written to `tmp_path`."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield tmp_path, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_page_on_another_site_cannot_stop_or_start_a_training(server, browser, other_site):
+    folder, site = other_site
+    response = server.post("/training/start", json={"model": "tiny", "max_epochs": 50, "batch_size": 8, "block_size": 64})
+    assert response.status_code == 201, response.text
+    session_id = response.json()["id"]
+    server.wait_for(session_id, lambda s: s["status"] == "running", timeout=300)
+    sessions_before = [s["id"] for s in server.get("/training/sessions").json()]
+    (folder / "attack.html").write_text(ATTACK_PAGE.format(url=server.url, session_id=session_id))
+
+    page = browser.new_page()
+    page.goto(f"{site}/attack.html")
+    page.wait_for_url(f"{server.url}/training/stop*", timeout=30_000)
+    assert "cross-origin request refused" in page.text_content("body")
+    page.close()
+
+    status = server.status(session_id)
+    assert status["status"] == "running" and status["stop_requested"] is False
+    assert [s["id"] for s in server.get("/training/sessions").json()] == sessions_before  # nothing started
+    # The server's own page (and a script without an Origin) still stops it.
+    assert server.post("/training/stop", params={"session_id": session_id}).status_code == 200
+    assert server.wait_terminal(session_id, timeout=180)["status"] == "stopped"
