@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kbtune import api_responses as docs
 from kbtune.records import SessionStatus
 
 logger = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def _add_training_routes(app: FastAPI, control: Any, guarded: list[Any], local_m
     from kbtune.knowledge_base import KnowledgeBaseError, KnowledgeBaseUnavailable
     from kbtune.tracking.reachability import StoreUnavailable
 
-    @app.post("/training/start", status_code=201, dependencies=guarded)
+    @app.post("/training/start", status_code=201, dependencies=guarded, responses=docs.START)
     def start(request: StartRequest) -> Any:
         """Start a training in a worker process (or resume a stopped/failed session); returns the
         session with its progress. 409 while another training runs, 422 for invalid settings."""
@@ -294,12 +295,12 @@ def _add_training_routes(app: FastAPI, control: Any, guarded: list[Any], local_m
             return unprocessable([(_field_of(str(exc)), str(exc))])
         return control.describe(session)
 
-    @app.get("/training/status", dependencies=guarded)
+    @app.get("/training/status", dependencies=guarded, responses=docs.STATUS)
     def status(session_id: str | None = None) -> Any:
         """The running session, else the most recent one (or `session_id`), with live progress."""
         return control.status(_session_id_ok(session_id))
 
-    @app.post("/training/stop", dependencies=guarded)
+    @app.post("/training/stop", dependencies=guarded, responses=docs.STOP)
     def stop(session_id: str | None = None) -> Any:
         """Ask the running session (or `session_id`) to stop after its current optimizer step, with a
         resumable checkpoint. Returns at once; the session reads `stopped` a moment later. A session
@@ -311,7 +312,7 @@ def _add_listing_routes(app: FastAPI, control: Any, guarded: list[Any], token: s
     """Sessions, versions (their knowledge, gated promotion), health and the page."""
     store = control.store
 
-    @app.get("/training/sessions", dependencies=guarded)
+    @app.get("/training/sessions", dependencies=guarded, responses=docs.SESSIONS)
     def sessions(
         status: Literal["pending", "running", "completed", "failed", "stopped"] | None = None,
         limit: int = Query(100, ge=1, le=1000),
@@ -319,11 +320,11 @@ def _add_listing_routes(app: FastAPI, control: Any, guarded: list[Any], token: s
         found = store.list_sessions(SessionStatus(status) if status else None, limit=limit)
         return [control.reconcile(s).to_dict() for s in found]
 
-    @app.get("/models/versions", dependencies=guarded)
+    @app.get("/models/versions", dependencies=guarded, responses=docs.VERSIONS)
     def versions() -> Any:
         return [v.to_dict() for v in store.list_versions()]
 
-    @app.get("/models/{version}/knowledge", dependencies=guarded)
+    @app.get("/models/{version}/knowledge", dependencies=guarded, responses=docs.KNOWLEDGE)
     def knowledge(version: str) -> Any:
         """A version's knowledge figures and its worst-learned training documents (never loads weights)."""
         from kbtune.knowledge.evaluation import REPORT_ARTIFACT, worst_trained
@@ -337,7 +338,7 @@ def _add_listing_routes(app: FastAPI, control: Any, guarded: list[Any], token: s
         return {**mv.to_dict(), "knowledge": figures, "evaluated": bool(documents),
                 "worst_trained": worst_trained(documents, 10)}  # fmt: skip
 
-    @app.post("/models/{version}/promote", dependencies=guarded)
+    @app.post("/models/{version}/promote", dependencies=guarded, responses=docs.PROMOTE)
     def promote(version: str, request: PromoteRequest) -> Any:
         """Point `alias` at the version if it passes the knowledge gate (409 with the figures if not;
         `force` overrides). The decision is recorded on the version either way."""
@@ -350,7 +351,7 @@ def _add_listing_routes(app: FastAPI, control: Any, guarded: list[Any], token: s
         except PromotionRefused as exc:
             return JSONResponse(status_code=409, content={"detail": str(exc), "decision": json.loads(exc.decision.to_json())})
         except ValueError as exc:  # an alias name that is not allowed
-            return JSONResponse(status_code=422, content={"detail": str(exc)})
+            return unprocessable([("alias", str(exc))])
         return json.loads(decision.to_json())
 
     @app.get("/health")

@@ -53,9 +53,11 @@ def model_cache(environ: Any = os.environ) -> Any:
 
 
 def add_generation_routes(app: FastAPI, store: Any, manager: Any, cache: Any, guarded: list[Any]) -> None:
+    from kbtune.api_responses import GENERATE
+
     # A sync endpoint: FastAPI runs it in its threadpool, and Starlette iterates the sync event
     # generator there too, so decoding never holds the event loop (or the training routes) up.
-    @app.post("/models/{version}/generate", dependencies=guarded)
+    @app.post("/models/{version}/generate", dependencies=guarded, responses=GENERATE)
     def generate(version: str, request: GenerateRequest) -> Any:
         """The version's continuation of `prompt`. `stream` (default): server-sent events, one
         `data: {"text": piece}` per piece, then `event: done` with the full text, tokens and seconds;

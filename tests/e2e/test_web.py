@@ -211,7 +211,8 @@ def other_site(tmp_path):
 
 def test_a_page_on_another_site_cannot_stop_or_start_a_training(server, browser, other_site):
     folder, site = other_site
-    response = server.post("/training/start", json={"model": "tiny", "max_epochs": 50, "batch_size": 8, "block_size": 64})
+    settings = {"model": "tiny", "max_epochs": 50, "batch_size": 8, "block_size": 64}
+    response = server.post("/training/start", json=settings)
     assert response.status_code == 201, response.text
     session_id = response.json()["id"]
     server.wait_for(session_id, lambda s: s["status"] == "running", timeout=300)

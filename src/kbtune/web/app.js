@@ -378,7 +378,7 @@ async function promote(version, force) {
     if (window.confirm(`Promotion refused:\n${detail}\n\nPromote anyway?`)) return promote(version, true);
     return;
   }
-  text($("version-detail-message"), result.ok ? `${version} is now champion.` : `Promotion failed: ${detail || result.status}`);
+  text($("version-detail-message"), result.ok ? `${version} is now champion.` : `Promotion failed: ${fmtDetail(detail, result.status)}`);
   refreshVersions();
 }
 
