@@ -36,13 +36,17 @@ def problem_key(problem: str) -> str:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by input the user can fix: reported as one message, never as a traceback."""
+    from kbtune.atomic_files import WriteFailed
+    from kbtune.checkpoints import CheckpointError
     from kbtune.data.preparation import DataError
     from kbtune.knowledge_base import KnowledgeBaseError
     from kbtune.model_manager import VersionLabelError
     from kbtune.modeling.factory import ModelError
     from kbtune.tracking.store import NotFoundError
+    from kbtune.training_loop import NonFiniteLoss
 
-    return (ConfigError, DataError, KnowledgeBaseError, ModelError, NotFoundError, VersionLabelError, FileExistsError)
+    return (ConfigError, DataError, KnowledgeBaseError, ModelError, NotFoundError, VersionLabelError,
+            FileExistsError, WriteFailed, CheckpointError, NonFiniteLoss)  # fmt: skip
 
 
 @settings
@@ -54,7 +58,9 @@ class TrackingSettings:
 
     def validate(self) -> list[str]:
         if self.uri.startswith("sqlite:") and not self.uri.startswith("sqlite:////"):
-            return [f"tracking.uri: a SQLite store needs an absolute path (sqlite:////abs/path.db), got {self.uri}"]
+            return [
+                f"tracking.uri: a SQLite store needs an absolute path (sqlite:////abs/path.db), got {self.uri}"
+            ]
         return []
 
 
@@ -203,10 +209,16 @@ def cross_problems(model: ModelSpec, data: DataSettings, trainer: TrainerSetting
     """Problems no single section shows: sizes that must agree, and what this machine cannot run."""
     problems = list(precision_problems(trainer))
     if model.source == "scratch" and data.block_size > model.max_position:
-        problems.append(f"data.block_size: {data.block_size} exceeds the model's model.max_position={model.max_position}")
+        problems.append(
+            f"data.block_size: {data.block_size} exceeds the model's model.max_position={model.max_position}"
+        )
     problems.extend(local_model_problems(model, data))
-    if trainer.strategy.startswith("fsdp") and (trainer.accelerator not in ("gpu", "cuda", "auto") or not cuda_available()):
-        problems.append("trainer.strategy: fsdp shards the model over CUDA GPUs and cannot run on this machine's CPU; use trainer=ddp or trainer=default")
+    if trainer.strategy.startswith("fsdp") and (
+        trainer.accelerator not in ("gpu", "cuda", "auto") or not cuda_available()
+    ):
+        problems.append(
+            "trainer.strategy: fsdp shards the model over CUDA GPUs and cannot run on this machine's CPU; use trainer=ddp or trainer=default"
+        )
     return problems
 
 
@@ -217,7 +229,9 @@ def local_model_problems(model: ModelSpec, data: DataSettings) -> list[str]:
 
     problems = []
     if data.chat_template and model.source != "local":
-        problems.append("data.chat_template: needs the chat template of a local model's tokenizer (model=local model.path=DIR)")
+        problems.append(
+            "data.chat_template: needs the chat template of a local model's tokenizer (model=local model.path=DIR)"
+        )
     if model.source == "local" and not local_dir_problems(model.path, model.trust_remote_code):
         context = local_context_length(str(model.path))
         if context is not None and data.block_size > context:

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kbtune.records import ModelVersion
-from kbtune.tracking.store import SessionStore
+from kbtune.records import ModelVersion, SessionStatus, TrainingSession
+from kbtune.tracking.store import NotFoundError, SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,21 @@ def validate_label(label: str) -> None:
             f"starting with a letter or digit, without '..' or path separators"
         )
     if _RESERVED.match(label):
-        raise VersionLabelError(f"version label {label!r} is reserved (numbers, v<number> and 'latest' are automatic)")
+        raise VersionLabelError(
+            f"version label {label!r} is reserved (numbers, v<number> and 'latest' are automatic)"
+        )
 
 
 def save_model_dir(model: Any, tokenizer: Any, spec: dict[str, Any], directory: Path) -> Path:
-    """A Hugging Face directory: safetensors weights, config, tokenizer, and the spec that built it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(directory), safe_serialization=True)
-    tokenizer.save_pretrained(str(directory))
-    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
+    """A Hugging Face directory: safetensors weights, config, tokenizer, and the spec that built it.
+    It appears whole or not at all: a failed write (a full disk) raises WriteFailed naming the file
+    and leaves no partial model behind."""
+    from kbtune.atomic_files import atomic_directory
+
+    with atomic_directory(directory) as staging:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
     return directory
 
 
@@ -69,6 +75,14 @@ def load_model_dir(directory: Path, trust_remote_code: bool = False) -> tuple[An
     return model, tokenizer
 
 
+def _why_no_model(session: TrainingSession) -> str:
+    if session.status in (SessionStatus.STOPPED, SessionStatus.FAILED):
+        return f"it is {session.status.value} (continue it with `kbtune start --resume {session.id}`)"
+    if session.status is SessionStatus.COMPLETED:
+        return "it completed, but no model was stored with it"
+    return f"it is {session.status.value}; save it once it completes"
+
+
 class ModelManager:
     def __init__(self, store: SessionStore, cache_dir: Path | str = "data/cache"):
         self.store = store
@@ -83,14 +97,15 @@ class ModelManager:
             validate_label(version)
             if any(version in v.aliases for v in self.store.list_versions()):
                 # get_version resolves aliases before labels: the new version would be unreachable by name.
-                raise VersionLabelError(f"version label {version!r} is already an alias; choose another label")
+                raise VersionLabelError(
+                    f"version label {version!r} is already an alias; choose another label"
+                )
+        session = self.store.get_session(session_id)
         tags = self.store.get_tags(session_id)
         if MODEL_TAG not in tags:
-            raise FileNotFoundError(
-                f"training session {session_id} has no trained model to save (it did not complete)"
-            )
+            raise NotFoundError(f"session {session_id}: no trained model to save; {_why_no_model(session)}")
         if metrics is None:
-            metrics = self.store.get_session(session_id).metrics
+            metrics = session.metrics
         mv = self.store.create_version(session_id, tags[MODEL_TAG], version, metrics)
         logger.info("model version %s (id %s) saved from session %s", mv.version, mv.id, session_id)
         return mv
@@ -110,7 +125,9 @@ class ModelManager:
 
     def promote(self, version: str, alias: str = "champion") -> ModelVersion:
         if _RESERVED.match(alias) or not _ALIAS.match(alias):
-            raise VersionLabelError(f"alias {alias!r} is not allowed (letters, digits, '_', '-'; not latest or v<number>)")
+            raise VersionLabelError(
+                f"alias {alias!r} is not allowed (letters, digits, '_', '-'; not latest or v<number>)"
+            )
         mv = self.store.get_version(version)
         if any(v.version == alias for v in self.store.list_versions()):
             # An alias would shadow the label of that name in get_version.

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kbtune.configuration import TrainingPlan
+from kbtune.configuration import ConfigError, TrainingPlan
 from kbtune.data.preparation import DataPreparation, PreparedData
 from kbtune.distributed import RankZeroHandoff, handoff_to_other_ranks, is_rank_zero
 from kbtune.knowledge_base import KnowledgeBase
@@ -45,6 +45,27 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def schedule_problems(plan: TrainingPlan, preparation: DataPreparation) -> list[str]:
+    """A step-count validation interval longer than an epoch, which Lightning refuses only once the
+    session has started."""
+    interval, trainer = plan.trainer.val_check_interval, plan.trainer
+    if not isinstance(interval, int) or isinstance(interval, bool) or trainer.fast_dev_run:
+        return []
+    from kbtune.data.datamodule import train_batches
+
+    # Each rank trains its share; devices=auto (or -1) on this machine's CPU is one process.
+    world = (
+        trainer.devices * trainer.num_nodes if isinstance(trainer.devices, int) and trainer.devices > 0 else 1
+    )
+    batches = train_batches(preparation, plan.data.batch_size, plan.seed, world)
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if interval <= batches:
+        return []
+    return [f"trainer.val_check_interval: {interval} is more than the {batches} training batches of an epoch "
+            f"(data.batch_size={plan.data.batch_size}); use at most {batches}, or a fraction of the epoch such as 0.5"]  # fmt: skip
+
+
 class TrainingService:
     def __init__(
         self,
@@ -71,8 +92,19 @@ class TrainingService:
 
     @staticmethod
     def prepare_with(kb: KnowledgeBase, plan: TrainingPlan, cache_dir: Path) -> DataPreparation:
+        """The prepared data, and the checks only the data can answer (ConfigError before any session
+        exists): the validation interval against the epoch's batches, and a checkpoint to start from
+        against the model and block size this plan trains."""
         preparation = DataPreparation(kb, plan.data, TokenizerProvider(plan.model, cache_dir), cache_dir)
         preparation.prepare_dataset()
+        problems = schedule_problems(plan, preparation)
+        if plan.ckpt_path and plan.ckpt_path != "last":
+            from kbtune.checkpoints import start_problems
+
+            spec = preparation.tokenizer_factory.resolved_spec()  # type: ignore[attr-defined]
+            problems += start_problems(plan.ckpt_path, spec.to_dict(), plan.data.block_size)
+        if problems:
+            raise ConfigError(problems)
         return preparation
 
     def train_model(
@@ -97,7 +129,9 @@ class TrainingService:
         else:
             session = self.store.get_session(session_id)
             if session.status not in (SessionStatus.PENDING, SessionStatus.STOPPED, SessionStatus.FAILED):
-                raise ValueError(f"session {session.id} is {session.status.value}; only pending, stopped or failed sessions can run")
+                raise ValueError(
+                    f"session {session.id} is {session.status.value}; only pending, stopped or failed sessions can run"
+                )
         try:
             return self._run_session(plan, spec, preparation, session.id, extra_callbacks)
         except StopRequested as exc:
@@ -115,7 +149,9 @@ class TrainingService:
             return
         taken = next((v for v in self.model_manager.get_model_versions() if v.version == plan.version), None)
         if taken is not None:
-            raise FileExistsError(f"version: label {plan.version!r} is already taken (version {taken.id}); choose another label")
+            raise FileExistsError(
+                f"version: label {plan.version!r} is already taken (version {taken.id}); choose another label"
+            )
 
     def outcome(self, session: TrainingSession) -> TrainOutcome:
         return TrainOutcome(session)
@@ -135,7 +171,9 @@ class TrainingService:
         prepared = preparation.prepare_dataset()
         files = self.layout.files(session_id)
         self.store.update_session(session_id, status=SessionStatus.RUNNING, error="")
-        self.store.set_tags(session_id, {CHECKPOINT_TAG: str(files.checkpoints), MANIFEST_TAG: prepared.manifest["cache_key"]})
+        self.store.set_tags(
+            session_id, {CHECKPOINT_TAG: str(files.checkpoints), MANIFEST_TAG: prepared.manifest["cache_key"]}
+        )
         self._log_data(session_id, prepared)
         with self._system_metrics(session_id):
             module, loop, result = self._fit(plan, spec, preparation, session_id, extra_callbacks)
@@ -143,7 +181,9 @@ class TrainingService:
         self._log_plots(session_id)
         if result.interrupted or getattr(loop.trainer, "kbtune_stop_requested", False):
             session = self.store.update_session(session_id, status=SessionStatus.STOPPED, completed_at=_now())
-            logger.info("session %s stopped at step %d; resume it to continue", session_id, result.global_step)
+            logger.info(
+                "session %s stopped at step %d; resume it to continue", session_id, result.global_step
+            )
             return TrainOutcome(session, prepared=prepared, extra={"result": result})
         self._save_final_model(session_id, module, prepared, spec, plan)
         session = self.store.update_session(session_id, status=SessionStatus.COMPLETED, completed_at=_now())
@@ -153,7 +193,11 @@ class TrainingService:
             version = self.model_manager.save_model(plan.version, session_id, session.metrics)
             if self._evaluate_after_training(version, plan.eval, session_id):
                 session, version = self.store.get_session(session_id), self.store.get_version(version.id)
-        logger.info("session %s completed: %s", session_id, {k: round(v, 4) for k, v in (session.metrics or {}).items() if "/" in k})
+        logger.info(
+            "session %s completed: %s",
+            session_id,
+            {k: round(v, 4) for k, v in (session.metrics or {}).items() if "/" in k},
+        )
         return TrainOutcome(session, version, prepared, extra={"result": result})
 
     @contextlib.contextmanager
@@ -183,7 +227,9 @@ class TrainingService:
         if plan.trainer.strategy != "auto":
             logger.info("other ranks join with KBTUNE_SESSION_ID=%s KBTUNE_DATA_KEY=%s", session_id, data_key)
         with handoff_to_other_ranks(session_id, plan.ckpt_path, data_key):
-            result = loop.train(module, datamodule, self.logger_factory(session_id), plan.ckpt_path, extra_callbacks)
+            result = loop.train(
+                module, datamodule, self.logger_factory(session_id), plan.ckpt_path, extra_callbacks
+            )
         return module, loop, result
 
     def _train_other_rank(self, plan: TrainingPlan, spec: ModelSpec, preparation: DataPreparation,
@@ -200,7 +246,9 @@ class TrainingService:
         plan = replace(plan, ckpt_path=handoff.ckpt_path)
         module, loop, result = self._fit(plan, spec, preparation, handoff.session_id, extra_callbacks)
         self._gather_for_saving(loop, module, spec, plan)
-        return TrainOutcome(self.store.get_session(handoff.session_id), prepared=prepared, extra={"result": result})
+        return TrainOutcome(
+            self.store.get_session(handoff.session_id), prepared=prepared, extra={"result": result}
+        )
 
     @staticmethod
     def _gather_for_saving(loop: TrainingLoop, module: Any, spec: ModelSpec, plan: TrainingPlan) -> Any:
@@ -223,7 +271,9 @@ class TrainingService:
         and its starting model (recall of trained and held-out facts, forgetting, a per-document report)."""
         from kbtune.knowledge.evaluation import KnowledgeEvaluation
 
-        return KnowledgeEvaluation(self.kb, self.store, self.model_manager).evaluate(version, settings, record)
+        return KnowledgeEvaluation(self.kb, self.store, self.model_manager).evaluate(
+            version, settings, record
+        )
 
     def _evaluate_after_training(self, version: Any, settings: Any, session_id: str) -> bool:
         if settings is None or not settings.after_training:
@@ -275,17 +325,40 @@ class TrainingService:
                 schema={"input_ids": f"int32[{m['settings']['block_size']}]"},
             )  # fmt: skip
 
-    def _save_final_model(self, session_id: str, module: Any, prepared: PreparedData, spec: ModelSpec, plan: TrainingPlan) -> None:
+    def _save_final_model(
+        self, session_id: str, module: Any, prepared: PreparedData, spec: ModelSpec, plan: TrainingPlan
+    ) -> None:
         staging = self.layout.files(session_id).model_staging
-        if staging.exists():
-            shutil.rmtree(staging)
         model = module.model
         if spec.lora is not None:
             from kbtune.modeling.lora import export_for_saving
 
             model = export_for_saving(model, merge=plan.save_merged)
         save_model_dir(model, prepared.tokenizer, spec.describing(module.model).to_dict(), staging)
-        uri = self.store.log_artifacts(session_id, staging, MODEL_ARTIFACT)
+        try:
+            uri = self.store.log_artifacts(session_id, staging, MODEL_ARTIFACT)
+        except Exception as exc:
+            raise self._upload_failed(session_id, exc) from exc
+        finally:
+            # The artifact store now holds the model (or refused it): the staging copy only takes space.
+            shutil.rmtree(staging, ignore_errors=True)
         self.store.set_tags(session_id, {MODEL_TAG: uri})
-        # The artifact store now holds the model; the staging copy would only duplicate it.
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def _upload_failed(self, session_id: str, exc: Exception) -> Exception:
+        """A model copy into the artifact store that failed (a full disk) leaves a truncated file: remove
+        it and name the destination. A remote store's partial upload cannot be removed from here; no tag
+        points at it, so no version can be registered from it."""
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        from kbtune.atomic_files import failure
+
+        destination = self.store.artifact_uri(session_id, MODEL_ARTIFACT)
+        parsed = urlparse(destination)
+        if parsed.scheme in ("", "file"):
+            destination = url2pathname(parsed.path)
+            shutil.rmtree(destination, ignore_errors=True)
+        if isinstance(exc, shutil.Error) and exc.args and exc.args[0]:
+            exc = OSError(str(exc.args[0][0][2]))  # copytree's list of (source, destination, reason)
+        # A failed copy names its destination file (shutil sets it), else the folder is named.
+        return failure(Path(getattr(exc, "filename2", None) or destination), exc)

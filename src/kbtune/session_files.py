@@ -99,6 +99,13 @@ class SessionFiles:
     def stop_requested(self) -> bool:
         return self.stop.exists()
 
+    def remove_stale_temps(self) -> None:
+        """Remove what a process killed mid-write left (a half-written checkpoint or model folder)."""
+        from kbtune.atomic_files import remove_stale_temps
+
+        remove_stale_temps(self.checkpoints)
+        remove_stale_temps(self.directory)
+
     def clear_for_resume(self) -> None:
         # The old process record would make the resumed session look dead; the stop file would stop it.
         self.worker.unlink(missing_ok=True)

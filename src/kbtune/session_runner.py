@@ -21,18 +21,24 @@ logger = logging.getLogger(__name__)
 
 
 def resume_point(session: TrainingSession, files: SessionFiles, requested: str | None) -> str | None:
-    """The checkpoint a session starts from: its own last.ckpt when it is continued (stopped, failed,
-    or queued again by a resume), else the checkpoint the plan asked for (a new session from a file)."""
+    """The checkpoint a session starts from: when it is continued (stopped, failed, or queued again by
+    a resume), its own last.ckpt, or if that is incomplete (a kill or a full disk while it was written
+    by an older kbtune) its newest complete checkpoint; else the checkpoint the plan asked for (a new
+    session from a file). CheckpointError names the file when none of its own is complete."""
+    from kbtune.checkpoints import resumable_checkpoint
+
     continued = session.status in (SessionStatus.STOPPED, SessionStatus.FAILED, SessionStatus.PENDING)
-    if continued and files.last_checkpoint.exists():
-        return str(files.last_checkpoint)
-    return requested
+    own = resumable_checkpoint(files.last_checkpoint) if continued else None
+    return str(own) if own is not None else requested
 
 
 def latest_resumable(store: Any, layout: Any) -> str:
     """`ckpt_path=last`: the newest stopped or failed session that has a checkpoint to continue."""
     for session in store.list_sessions():
-        if session.status in (SessionStatus.STOPPED, SessionStatus.FAILED) and layout.files(session.id).last_checkpoint.exists():
+        if (
+            session.status in (SessionStatus.STOPPED, SessionStatus.FAILED)
+            and layout.files(session.id).last_checkpoint.exists()
+        ):
             return session.id
     raise ConfigError(["ckpt_path: `last` found no stopped or failed session with a last.ckpt to resume"])
 
@@ -63,7 +69,9 @@ def ensure_final(store: Any, session_id: str, exc: BaseException) -> None:
     if current.status.is_terminal:
         return
     status = SessionStatus.STOPPED if isinstance(exc, KeyboardInterrupt) else SessionStatus.FAILED
-    store.update_session(session_id, status=status, error=error_text(exc), completed_at=datetime.now(timezone.utc))
+    store.update_session(
+        session_id, status=status, error=error_text(exc), completed_at=datetime.now(timezone.utc)
+    )
 
 
 class SessionRunner:
@@ -85,6 +93,9 @@ class SessionRunner:
         else:
             session, preparation = service.store.get_session(session_id), None
         files = service.layout.files(session.id)
+        if session.status in (SessionStatus.STOPPED, SessionStatus.FAILED):
+            # Continued in this process (`resume=ID`): the stop that ended it must not end it again.
+            files.clear_for_resume()
         files.claim()
         try:
             with stop_on_sigterm(files):
@@ -95,7 +106,9 @@ class SessionRunner:
         finally:
             files.update_phase(service.store.get_session(session.id).status.value)
 
-    def _train(self, plan: TrainingPlan, session: TrainingSession, files: SessionFiles, preparation: Any) -> Any:
+    def _train(
+        self, plan: TrainingPlan, session: TrainingSession, files: SessionFiles, preparation: Any
+    ) -> Any:
         from kbtune.progress import ProgressCallback, ResumeState
 
         if files.stop_requested() and session.status is SessionStatus.PENDING:  # stopped before it began
@@ -104,13 +117,19 @@ class SessionRunner:
             )
             return self.service.outcome(stopped)
         files.update_phase("preparing")
+        files.remove_stale_temps()
         ckpt = resume_point(session, files, plan.ckpt_path)
         if ckpt:
             logger.info("session %s starts from %s", session.id, ckpt)
-        trainer = dataclasses.replace(plan.trainer, enable_progress_bar=self.progress_bar and plan.trainer.enable_progress_bar)
+        trainer = dataclasses.replace(
+            plan.trainer, enable_progress_bar=self.progress_bar and plan.trainer.enable_progress_bar
+        )
         plan = dataclasses.replace(plan, ckpt_path=ckpt, trainer=trainer)
         outcome = self.service.train_model(
-            plan, session_id=session.id, preparation=preparation, extra_callbacks=[ProgressCallback(files), ResumeState()]
+            plan,
+            session_id=session.id,
+            preparation=preparation,
+            extra_callbacks=[ProgressCallback(files), ResumeState()],
         )
         logger.info("session %s ended %s", session.id, outcome.session.status.value)
         return outcome

@@ -15,6 +15,11 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 
 
+class NonFiniteLoss(ArithmeticError):
+    """Training diverged (a NaN or infinite loss): the session stops before that step changes the weights
+    or a checkpoint, so its last checkpoint still holds finite weights."""
+
+
 @settings
 class TrainerSettings:
     max_epochs: int = 3
@@ -42,9 +47,13 @@ class TrainerSettings:
     def validate(self) -> list[str]:
         p = []
         if self.max_epochs < 1 and self.max_steps < 1:
-            p.append(f"trainer.max_epochs: must be >= 1 (or set trainer.max_steps >= 1), got {self.max_epochs}")
+            p.append(
+                f"trainer.max_epochs: must be >= 1 (or set trainer.max_steps >= 1), got {self.max_epochs}"
+            )
         elif self.max_epochs < -1 or self.max_epochs == 0 and self.max_steps < 1:
-            p.append(f"trainer.max_epochs: must be >= 1 or -1 (unlimited, with trainer.max_steps), got {self.max_epochs}")
+            p.append(
+                f"trainer.max_epochs: must be >= 1 or -1 (unlimited, with trainer.max_steps), got {self.max_epochs}"
+            )
         if self.max_steps < -1 or self.max_steps == 0:
             p.append(f"trainer.max_steps: must be >= 1 or -1 (no limit), got {self.max_steps}")
         if self.max_epochs == -1 and self.max_steps < 1:
@@ -52,12 +61,20 @@ class TrainerSettings:
         if self.accumulate_grad_batches < 1:
             p.append(f"trainer.accumulate_grad_batches: must be >= 1, got {self.accumulate_grad_batches}")
         if self.gradient_clip_val < 0:
-            p.append(f"trainer.gradient_clip_val: must be >= 0 (0 disables clipping), got {self.gradient_clip_val}")
+            p.append(
+                f"trainer.gradient_clip_val: must be >= 0 (0 disables clipping), got {self.gradient_clip_val}"
+            )
         if self.precision not in PRECISIONS:
             p.append(f"trainer.precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.val_check_interval, float) and not 0 < self.val_check_interval <= 1:
-            p.append(f"trainer.val_check_interval: a fraction must be in (0, 1], got {self.val_check_interval}")
-        if isinstance(self.val_check_interval, int) and not isinstance(self.val_check_interval, bool) and self.val_check_interval < 1:
+            p.append(
+                f"trainer.val_check_interval: a fraction must be in (0, 1], got {self.val_check_interval}"
+            )
+        if (
+            isinstance(self.val_check_interval, int)
+            and not isinstance(self.val_check_interval, bool)
+            and self.val_check_interval < 1
+        ):
             p.append(f"trainer.val_check_interval: a step count must be >= 1, got {self.val_check_interval}")
         if self.check_val_every_n_epoch < 1:
             p.append(f"trainer.check_val_every_n_epoch: must be >= 1, got {self.check_val_every_n_epoch}")
@@ -113,7 +130,9 @@ def precision_problems(settings: TrainerSettings) -> list[str]:
     if settings.precision.startswith("16") and not on_gpu:
         return ["trainer.precision: 16-mixed needs a CUDA GPU; on CPU use bf16-mixed, 32-true or auto"]
     if settings.precision.startswith("bf16") and not bf16_supported(settings.accelerator):
-        return [f"trainer.precision: {settings.precision} is not supported on this device; use 32-true or auto"]
+        return [
+            f"trainer.precision: {settings.precision} is not supported on this device; use 32-true or auto"
+        ]
     return []
 
 
@@ -129,37 +148,50 @@ class TrainResult:
 
 
 class TrainingLoop:
-    def __init__(self, trainer_settings: TrainerSettings, callback_settings: CallbackSettings, checkpoint_dir: Path):
+    def __init__(
+        self, trainer_settings: TrainerSettings, callback_settings: CallbackSettings, checkpoint_dir: Path
+    ):
         self.settings = trainer_settings
         self.callback_settings = callback_settings
         self.checkpoint_dir = Path(checkpoint_dir)
         self.trainer: Any = None
 
-    def build_trainer(self, loggers: list[Any], extra_callbacks: list[Any] | None = None) -> Any:
-        import pytorch_lightning as pl
+    def build_callbacks(self, loggers: list[Any], extra_callbacks: list[Any] | None = None) -> list[Any]:
         from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-        s, c = self.settings, self.callback_settings
-        callbacks: list[Any] = [
-            ModelCheckpoint(
-                dirpath=str(self.checkpoint_dir),
-                filename="best-{epoch:02d}-{step}",
-                monitor=c.monitor,
-                mode="min",
-                save_top_k=c.save_top_k,
-                save_last=c.save_last,
-                auto_insert_metric_name=False,
-            )
-        ]
+        from kbtune.training_end import StopOnNonFiniteLoss, ValidateFinalModel
+
+        c = self.callback_settings
+        checkpoint = ModelCheckpoint(dirpath=str(self.checkpoint_dir), filename="best-{epoch:02d}-{step}",
+                                     monitor=c.monitor, mode="min", save_top_k=c.save_top_k, save_last=c.save_last,
+                                     auto_insert_metric_name=False)  # fmt: skip
+        callbacks: list[Any] = [checkpoint, ValidateFinalModel(), StopOnNonFiniteLoss()]
         if c.early_stopping:
             callbacks.append(
-                EarlyStopping(monitor=c.monitor, patience=c.early_stopping_patience, min_delta=c.early_stopping_min_delta)
+                EarlyStopping(
+                    monitor=c.monitor,
+                    patience=c.early_stopping_patience,
+                    min_delta=c.early_stopping_min_delta,
+                )
             )
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.extend(extra_callbacks or [])
+        return [*callbacks, *(extra_callbacks or [])]
+
+    def build_trainer(self, loggers: list[Any], extra_callbacks: list[Any] | None = None) -> Any:
+        import pytorch_lightning as pl
+
+        from kbtune.checkpoint_io import AtomicCheckpointIO
+
+        s = self.settings
+        callbacks = self.build_callbacks(loggers, extra_callbacks)
         precision = resolve_precision(s)
-        logger.info("trainer: precision %s, accelerator %s, checkpoints in %s", precision, s.accelerator, self.checkpoint_dir)
+        logger.info(
+            "trainer: precision %s, accelerator %s, checkpoints in %s",
+            precision,
+            s.accelerator,
+            self.checkpoint_dir,
+        )
         self.trainer = pl.Trainer(
             max_epochs=s.max_epochs,
             max_steps=s.max_steps,
@@ -181,6 +213,9 @@ class TrainingLoop:
             enable_model_summary=False,
             logger=loggers or False,
             callbacks=callbacks,
+            # Checkpoints are written beside themselves and renamed into place: a kill mid-save keeps
+            # the previous last.ckpt (Lightning's own writer stages in TMPDIR, maybe another disk).
+            plugins=[AtomicCheckpointIO()],
             # The DataModule's sampler already shards by rank, deterministically.
             use_distributed_sampler=False,
             default_root_dir=str(self.checkpoint_dir),
@@ -203,7 +238,9 @@ class TrainingLoop:
         finally:
             signal.signal(signal.SIGINT, handler)  # Lightning leaves SIGINT ignored after an interrupt
         ckpt = trainer.checkpoint_callback
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1
+        }
         return TrainResult(
             metrics=metrics,
             best_checkpoint=(ckpt.best_model_path or None) if ckpt else None,

@@ -244,7 +244,7 @@ def check_versions(store, tmp: Path) -> None:
 
     # A session without a model (not completed) cannot be saved.
     pending = store.create_session({})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(NotFoundError, match=f"session {pending.id}: no trained model to save; it is pending"):
         manager.save_model("never", pending.id)
     assert len(manager.get_model_versions()) == before + 2
 

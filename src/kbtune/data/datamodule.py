@@ -19,7 +19,9 @@ logger = logging.getLogger(__name__)
 class BlockDataset(Dataset):
     def __init__(self, blocks: np.ndarray, labels: np.ndarray | None = None):
         self.blocks = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.int64))
-        self.labels = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)) if labels is not None else None
+        self.labels = (
+            torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)) if labels is not None else None
+        )
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -168,7 +170,11 @@ class KBDataModule(pl.LightningDataModule):
     # only if it builds the loader after loading the checkpoint, but with `max_epochs` set
     # `configure_optimizers` (estimated_stepping_batches) builds it before, and the position is lost.
     def state_dict(self) -> dict[str, Any]:
-        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+        # The block size travels too: a checkpoint must not continue with blocks of another length.
+        state: dict[str, Any] = {"block_size": self.preparation.settings.block_size}
+        if self._train_loader is not None:
+            state["train_position"] = self._train_loader.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume_position = state.get("train_position")
@@ -179,3 +185,13 @@ class KBDataModule(pl.LightningDataModule):
         dataset = BlockDataset(self.data.val, self.data.val_labels)
         sampler = EpochShuffleSampler(len(dataset), self.seed, False, rank, world)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=0)
+
+
+def train_batches(preparation: DataPreparation, batch_size: int, seed: int = 0, world_size: int = 1) -> int:
+    """Training batches per epoch on each rank, as KBDataModule.train_dataloader yields them (with
+    per-epoch views, the first epoch's)."""
+    datamodule = KBDataModule(preparation, batch_size, seed)
+    datamodule.setup()
+    blocks = len(datamodule._train_dataset())
+    per_rank = blocks // world_size if world_size > 1 else blocks
+    return -(-per_rank // datamodule.batch_size)

@@ -185,7 +185,8 @@ class DataPreparation:
         key = self._cache_key(docs, tokenizer)
         directory = self.cache_dir / "datasets" / key
         if (directory / "manifest.json").exists():
-            out, manifest = load_prepared(directory)
+            out, cached = load_prepared(directory)
+            manifest = {**cached, **self._source(drops)}  # the cache may be another collection's
             prepared = PreparedData(out["train"], out["val"], out["train_labels"], out["val_labels"], tokenizer,
                                     manifest, directory, cached=True, augmentation=load_augmentation(directory))  # fmt: skip
             logger.info("prepared data loaded from cache %s in %.2fs", directory, time.perf_counter() - t0)
@@ -196,13 +197,10 @@ class DataPreparation:
         manifest = {
             "kbtune_preparation_version": PREPARATION_VERSION,
             "cache_key": key,
-            "collection": self.kb.collection_name,
-            "kb": self.kb.settings.describe(),
-            "where": self.kb.settings.where,
+            **self._source(drops),
             "settings": s.fingerprint_fields(),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "document_count": len(docs),
-            "drops": dict(sorted(drops.items())),
             "splits": counts,
             "augmentation": {"qa_pairs": len(augmentation["qa"])} if augmentation else None,
             "documents": [{"id": d.id, "sha256": d.sha256, "split": d.split} for d in docs],
@@ -217,6 +215,13 @@ class DataPreparation:
             arrays["train"], arrays["val"], arrays["train_labels"], arrays["val_labels"],
             tokenizer, manifest, directory, cached=False, augmentation=augmentation,
         )  # fmt: skip
+
+    def _source(self, drops: Counter) -> dict[str, Any]:
+        """Where the documents came from and what cleaning dropped. The cache is keyed by content, so
+        collections with the same cleaned documents share an entry: its manifest must not name them."""
+        kb = self.kb.settings
+        return {"collection": self.kb.collection_name, "kb": kb.describe(), "where": kb.where,
+                "drops": dict(sorted(drops.items()))}  # fmt: skip
 
     def _augmentation(self, train_docs: list[CleanDoc]) -> dict[str, Any] | None:
         """What the per-epoch views need, kept before tokenizing frees the texts: the training documents'
