@@ -110,8 +110,7 @@ def documented(*codes: int, ok: tuple[int, Any] | None = None, write: bool = Fal
 
 def _link(operation: str, description: str, **values: Any) -> dict[str, Any]:
     # operationRef, not operationId: FastAPI's generated ids are long and change with function names.
-    ref = {"operationRef": operation, "description": description}
-    return {**ref, **values}
+    return {"operationRef": operation, "description": description, **values}
 
 
 SESSION_LINKS = {

@@ -67,6 +67,9 @@ class WorkerControl:
         # Workers this process started, and how those that ended exited (pid, return code).
         self._procs: dict[str, subprocess.Popen] = {}
         self._exits: dict[str, tuple[int, int]] = {}
+        # Workers replaced by a resume before their exit was collected (a session reads `stopped`
+        # while its process still tears down): reaped here, else they would stay zombies.
+        self._replaced: list[subprocess.Popen] = []
         self._validate_lock = threading.Lock()
 
     def files(self, session_id: str) -> SessionFiles:
@@ -141,6 +144,8 @@ class WorkerControl:
                                     env=child_environment(), start_new_session=True)  # fmt: skip
         # Claimed here as well as by the worker itself: a status read between the two sees it alive.
         files.claim(proc.pid)
+        if session_id in self._procs:
+            self._replaced.append(self._procs[session_id])
         self._procs[session_id] = proc
         logger.info("session %s: worker pid %d started (log %s)", session_id, proc.pid, files.log)
 
@@ -176,9 +181,11 @@ class WorkerControl:
             if code is not None:
                 self._exits[session_id] = (proc.pid, code)
                 self._procs.pop(session_id, None)
+        self._replaced = [proc for proc in self._replaced if proc.poll() is None]
 
     def reconcile(self, session: TrainingSession) -> TrainingSession:
         """The session as it really is: pending/running with a dead worker becomes failed."""
+        self._reap()  # every read collects ended workers, so none stays a zombie until the next start
         if session.status not in (SessionStatus.PENDING, SessionStatus.RUNNING):
             return session
         alive, how = self.worker_alive(session.id)
