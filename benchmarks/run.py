@@ -4,7 +4,8 @@
 
 Sections: training (kbtune vs a plain PyTorch loop vs transformers.Trainer; MFU), knowledge (the fact-probe
 evaluation vs the training it follows), recipe (experiment=knowledge vs the defaults and each data option
-alone on 100 planted entities at equal exposures; ~30 min), data (preparation
+alone on 100 planted entities at equal exposures; ~30 min), update (an incremental update vs a full
+retrain after the KB changed; ~15 min), data (preparation
 vs the raw limit, cached rerun, peak RSS), startup (`kbtune --help`, first optimizer step vs bare
 imports), e2e (3 epochs of model=small on the sample KB), generation (streamed greedy decoding vs
 `model.generate`, time to first token through the API). Within a section the variants run
@@ -28,8 +29,16 @@ from pathlib import Path
 
 import harness
 
-SECTIONS = {"training": "training", "data": "data_prep", "startup": "startup", "e2e": "e2e", "knowledge": "knowledge",
-            "recipe": "recipe", "generation": "generation"}
+SECTIONS = {
+    "training": "training",
+    "data": "data_prep",
+    "startup": "startup",
+    "e2e": "e2e",
+    "knowledge": "knowledge",
+    "recipe": "recipe",
+    "update": "update",
+    "generation": "generation",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

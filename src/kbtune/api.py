@@ -228,6 +228,9 @@ def create_app(
     _add_training_routes(app, control, guarded, local_model)
     _add_listing_routes(app, control, guarded, token, promotion or (project.promotion if project else None))
     _add_model_routes(app, control, guarded, manager or (project.manager if project else None))
+    from kbtune.api_updates import add_update_routes
+
+    add_update_routes(app, project, guarded)
     return app
 
 

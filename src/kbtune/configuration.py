@@ -86,6 +86,8 @@ class RunSettings:
     ckpt_path: str | None = None
     run_name: str | None = None
     save_merged: bool = False
+    # experiment=update: start from this version and train on what changed in the KB since its data.
+    base_version: str | None = None
 
     def validate(self) -> list[str]:
         from kbtune.model_manager import VersionLabelError, validate_label
@@ -130,6 +132,8 @@ class TrainingPlan:
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     save_merged: bool = False
+    base_version: str | None = None
+    update: Any = None  # UpdateBase (kbtune.updates), resolved from base_version by the project
 
 
 def _tuples(cls: type, values: dict[str, Any]) -> dict[str, Any]:
@@ -188,8 +192,13 @@ def plan_from(data: dict[str, Any], problems: list[str]) -> TrainingPlan | None:
     if any(part is None for part in parts.values()) or run is None:
         return None
     problems.extend(cross_problems(parts["model"], parts["data"], parts["trainer"]))
+    if parts["data"].replay_fraction and not run.base_version:
+        problems.append(
+            "base_version: required with data.replay_fraction (experiment=update): the version to update, e.g. base_version=champion"
+        )
     return TrainingPlan(**parts, config=data, eval=evaluation, seed=run.seed, register=run.register, version=run.version,
-                        ckpt_path=run.ckpt_path, run_name=run.run_name, save_merged=run.save_merged)  # fmt: skip
+                        ckpt_path=run.ckpt_path, run_name=run.run_name, save_merged=run.save_merged,
+                        base_version=run.base_version)  # fmt: skip
 
 
 RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunSettings))

@@ -85,16 +85,21 @@ def precheck(cfg: Any, config_name: str | None, checked_data: set[str] | None = 
         Project(data, load_runtime(data)).check_store()
         return
     plan, runtime = load(data)
+    project = Project(data, runtime)
     # The store first: an unreachable one would otherwise fail the job only after MLflow's retries.
-    Project(data, runtime).check_store()
+    project.check_store()
     if data.get("resume"):
         return  # the stored session config is validated when the job loads it
-    data_key = repr((plan.data, plan.model, runtime.kb, runtime.cache_dir))
+    plan = project.plan()  # with base_version: the base's model and the update's data selection
+    # The data's checks also read the trainer (batches per epoch) and the checkpoint to start from.
+    data_key = repr(
+        (plan.data, plan.model, plan.trainer, plan.ckpt_path, plan.seed, runtime.kb, runtime.cache_dir)
+    )
     if checked_data is not None:
         if data_key in checked_data:
             return
         checked_data.add(data_key)
-    Project(data, runtime).prepare(plan)
+    project.prepare(plan)
 
 
 def sweep_jobs(config: Any) -> list[tuple[str, Any]]:

@@ -77,7 +77,11 @@ def split_file(relpath: str, text: str, max_chars: int = 2000) -> list[Document]
         if title and file_title is None:
             file_title = title
         for piece in _by_size(body, max_chars):
-            meta: dict[str, str | int] = {"source": relpath, "part": len(parts), "content_hash": content_hash(piece)}
+            meta: dict[str, str | int] = {
+                "source": relpath,
+                "part": len(parts),
+                "content_hash": content_hash(piece),
+            }
             if file_title:
                 meta["title"] = file_title
             if title:
@@ -112,9 +116,12 @@ def ingest_folder(
     embed: Embedder | None = None,
     max_chars: int = 2000,
     create: bool = True,
+    prune: bool = False,
 ) -> IngestReport:
     """Upsert every .md/.txt file below `folder`. Unchanged documents are not re-embedded or rewritten;
-    an edited file replaces its own documents (parts that disappeared are deleted)."""
+    an edited file replaces its own documents (parts that disappeared are deleted). `prune`: the
+    collection mirrors the folder, so documents of files no longer in it are deleted too (off by
+    default: a collection may hold documents ingested from other folders)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"ingest: {folder} is not a directory")
@@ -141,11 +148,19 @@ def ingest_folder(
             if before is None:
                 added += 1
                 todo.append(doc)
-            elif before.metadata.get("content_hash") != doc.metadata["content_hash"] or before.metadata != doc.metadata:
+            elif (
+                before.metadata.get("content_hash") != doc.metadata["content_hash"]
+                or before.metadata != doc.metadata
+            ):
                 updated += 1
                 todo.append(doc)
             else:
                 unchanged += 1
+    if prune and exists:
+        present = {p.relative_to(folder).as_posix() for p in files}
+        gone = [d.id for d in kb.iter_documents() if d.metadata.get("source") not in present]
+        kb.delete(gone)
+        removed += len(gone)
     if todo:
         embed = embed or default_embedder()
         for start in range(0, len(todo), 512):

@@ -14,6 +14,7 @@ from kbtune.hydra_entry import hydra_context, hydra_context_active
 from kbtune.project import Project, configure_logging
 from kbtune.run_identity import run_identity
 from kbtune.session_runner import SessionRunner, latest_resumable
+from kbtune.updates.base import resolve_update
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def _continued_session(project: Project, plan: Any, overrides: list[str]) -> tup
         raise ConfigError([f"resume: session {resume} continues with its own settings; leave out {' '.join(conflicting)}"])
     previous = project.store.get_session(str(resume))
     stored_plan, runtime = load_session_plan(previous.config)
-    return previous.id, stored_plan, Project(previous.config, runtime)
+    project = Project(previous.config, runtime)
+    return previous.id, resolve_update(project, stored_plan), project
 
 
 def _metric(outcome: Any, plan: Any) -> float | None:

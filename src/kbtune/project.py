@@ -88,7 +88,9 @@ class Project:
 
     def plan(self) -> TrainingPlan:
         """The validated training settings of this config (ConfigError lists every problem)."""
-        return load(self.config)[0]
+        from kbtune.updates.base import resolve_update
+
+        return resolve_update(self, load(self.config)[0])
 
     # -- collaborators -------------------------------------------------------------------------------
     @cached_property

@@ -95,7 +95,7 @@ class TrainingService:
         """The prepared data, and the checks only the data can answer (ConfigError before any session
         exists): the validation interval against the epoch's batches, and a checkpoint to start from
         against the model and block size this plan trains."""
-        preparation = DataPreparation(kb, plan.data, TokenizerProvider(plan.model, cache_dir), cache_dir)
+        preparation = DataPreparation(kb, plan.data, TokenizerProvider(plan.model, cache_dir), cache_dir, plan.update)
         preparation.prepare_dataset()
         problems = schedule_problems(plan, preparation)
         if plan.ckpt_path and plan.ckpt_path != "last":
@@ -191,6 +191,10 @@ class TrainingService:
         version = None
         if plan.register and not plan.trainer.fast_dev_run:
             version = self.model_manager.save_model(plan.version, session_id, session.metrics)
+            if prepared.manifest.get("update"):
+                from kbtune.updates.lineage import record_lineage
+
+                record_lineage(self.store, version, prepared.manifest["update"])
             if self._evaluate_after_training(version, plan.eval, session_id):
                 session, version = self.store.get_session(session_id), self.store.get_version(version.id)
         logger.info(

@@ -16,12 +16,14 @@ def run(session_id: str, overrides: list[str]) -> int:
     from kbtune.configuration import load_session_plan
     from kbtune.project import Project, open_project
     from kbtune.session_runner import SessionRunner, ensure_final
+    from kbtune.updates.base import resolve_update
 
     store = open_project(overrides).store
     session = store.get_session(session_id)
     try:
         plan, runtime = load_session_plan(session.config)
         project = Project(session.config, runtime)
+        plan = resolve_update(project, plan)
         project.ensure_sample_kb()
         SessionRunner(project.service, progress_bar=False).run(plan, session_id=session_id)
     except BaseException as exc:

@@ -11,6 +11,7 @@ from kbtune.cli.kb import cmd_kb_facts, cmd_kb_ingest
 from kbtune.cli.model import DTYPES, FORMATS, add_sampling_flags, cmd_chat, cmd_export, cmd_generate
 from kbtune.cli.records import cmd_promote, cmd_save, cmd_sessions, cmd_ui, cmd_versions
 from kbtune.cli.training import cmd_serve, cmd_start, cmd_status, cmd_stop
+from kbtune.cli.updates import cmd_audit, cmd_kb_diff
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,11 @@ def _add_record_commands(sub: Any, add: Any) -> None:
     ingest.add_argument("--collection", required=True, help="Chroma collection (created if missing)")
     ingest.add_argument("--kb-path", help="embedded Chroma directory (default: kb.path from the config)")
     ingest.add_argument("--max-chars", type=int, default=2000, help="split sections longer than this")
+    ingest.add_argument(
+        "--prune",
+        action="store_true",
+        help="also delete documents whose file is no longer in the folder (the collection mirrors it)",
+    )
     ingest.set_defaults(func=cmd_kb_ingest)
     facts = kb.add_parser("facts", help="write a planted-facts KB (invented entities, one document each)")
     facts.add_argument("--collection", default="kbtune-facts", help="Chroma collection (created if missing)")
@@ -46,21 +52,40 @@ def _add_record_commands(sub: Any, add: Any) -> None:
     facts.add_argument("--seed", type=int, default=0)
     facts.add_argument("--kb-path", help="embedded Chroma directory (default: kb.path from the config)")
     facts.set_defaults(func=cmd_kb_facts)
+    diff = kb.add_parser("diff", help="documents added, changed and deleted since a version's training data")
+    diff.add_argument(
+        "--since", metavar="VERSION", help="a label, number or alias (default: champion, else latest)"
+    )
+    diff.add_argument("--json", action="store_true", help="every id, the counts and the change's digest")
+    diff.add_argument("--limit", type=int, default=20, help="ids listed per kind (default 20)")
+    diff.set_defaults(func=cmd_kb_diff)
+    p = add("audit", cmd_audit, "versions trained on documents since deleted or changed (reads no weights)")
+    p.add_argument(
+        "--document", metavar="ID", help="instead: the versions whose data contained this document"
+    )
+    p.add_argument("--json", action="store_true")
 
     p = add("sessions", cmd_sessions, "list training sessions, newest first")
     p.add_argument("--status", choices=["pending", "running", "completed", "failed", "stopped"])
     p.add_argument("--json", action="store_true")
     p = add("versions", cmd_versions, "list model versions with their knowledge and metrics, newest first")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--detail", metavar="VERSION", help="one version: all metrics and its worst-learned documents")
+    p.add_argument(
+        "--detail", metavar="VERSION", help="one version: all metrics and its worst-learned documents"
+    )
+    p.add_argument("--tree", action="store_true", help="versions as a tree of incremental updates")
     p = add("save", cmd_save, "register a completed session's model as a new labelled version")
     p.add_argument("session_id")
     p.add_argument("--label", help="version label (letters, digits, . _ -); default automatic")
     p = add("promote", cmd_promote, "point an alias (default: champion) at a version, gated on knowledge")
     p.add_argument("version")
     p.add_argument("--alias", default="champion")
-    p.add_argument("--max-forgetting", type=float, default=0.05,
-                   help="largest retain-set perplexity increase allowed (0.05 = 5%%)")
+    p.add_argument(
+        "--max-forgetting",
+        type=float,
+        default=0.05,
+        help="largest retain-set perplexity increase allowed (0.05 = 5%%)",
+    )
     p.add_argument("--force", action="store_true", help="promote even if the knowledge gate refuses")
     p = add("ui", cmd_ui, "open the MLflow UI on the project's store")
     p.add_argument("--host", default="127.0.0.1")
@@ -100,19 +125,33 @@ def _add_training_commands(add: Any) -> None:
 
 
 def _add_model_commands(add: Any) -> None:
-    p = add("generate", cmd_generate, "stream a version's continuation of PROMPT (greedy unless --temperature)")
+    p = add(
+        "generate", cmd_generate, "stream a version's continuation of PROMPT (greedy unless --temperature)"
+    )
     p.add_argument("version", help="a label, a number, latest, or an alias such as champion")
     p.add_argument("prompt")
     add_sampling_flags(p)
     p = add("chat", cmd_chat, "chat with a version: one reply per line typed; /exit or Ctrl-D ends")
     p.add_argument("version", help="a label, a number, latest, or an alias such as champion")
     add_sampling_flags(p)
-    p = add("export", cmd_export, "write a version as safetensors or GGUF, with a model card (and an Ollama Modelfile)")
+    p = add(
+        "export",
+        cmd_export,
+        "write a version as safetensors or GGUF, with a model card (and an Ollama Modelfile)",
+    )
     p.add_argument("version", help="a label, a number, latest, or an alias such as champion")
     p.add_argument("--format", choices=FORMATS, required=True)
-    p.add_argument("--out", metavar="DIR", help="an empty or new folder (default: <paths.root>/exports/<version>-<format>)")
-    p.add_argument("--dtype", choices=DTYPES, default="f32",
-                   help="f32 (default, lossless), f16; bf16 for safetensors only, q8_0 for gguf only")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="an empty or new folder (default: <paths.root>/exports/<version>-<format>)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="f32",
+        help="f32 (default, lossless), f16; bf16 for safetensors only, q8_0 for gguf only",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

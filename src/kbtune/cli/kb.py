@@ -16,7 +16,7 @@ def cmd_kb_ingest(args: argparse.Namespace) -> int:
         overrides.append(f"kb.path={args.kb_path}")
     project = open_project(overrides)
     runtime = project.runtime
-    report = ingest_folder(project.kb, Path(args.path), max_chars=args.max_chars)
+    report = ingest_folder(project.kb, Path(args.path), max_chars=args.max_chars, prune=args.prune)
     print(
         f"{report.files} files -> {report.documents} documents in {runtime.kb.describe()}: "
         f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged, {report.removed} removed"

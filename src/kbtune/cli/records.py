@@ -28,7 +28,9 @@ def _fmt_metric(metrics: dict[str, float] | None, key: str) -> str:
 def cmd_sessions(args: argparse.Namespace) -> int:
     from kbtune.records import SessionStatus
 
-    sessions = open_project(args.overrides).store.list_sessions(SessionStatus(args.status) if args.status else None)
+    sessions = open_project(args.overrides).store.list_sessions(
+        SessionStatus(args.status) if args.status else None
+    )
     if args.json:
         print(json.dumps([s.to_dict() for s in sessions], indent=2))
         return 0
@@ -53,6 +55,11 @@ def cmd_versions(args: argparse.Namespace) -> int:
     project = open_project(args.overrides)
     if args.detail:
         return _version_detail(project, args.detail, args.json)
+    if args.tree:
+        from kbtune.updates.lineage import lineage, render_tree
+
+        print(render_tree(lineage(project.store)))
+        return 0
     versions = project.manager.get_model_versions()
     if args.json:
         print(json.dumps([v.to_dict() for v in versions], indent=2))
@@ -69,11 +76,29 @@ def cmd_versions(args: argparse.Namespace) -> int:
         }
         for v in versions
     ]  # fmt: skip
-    print(_table(rows, ["id", "version", "session", "created", "recall", "start", "held-out", "forgetting", "val/loss", "aliases"]))
+    print(
+        _table(
+            rows,
+            [
+                "id",
+                "version",
+                "session",
+                "created",
+                "recall",
+                "start",
+                "held-out",
+                "forgetting",
+                "val/loss",
+                "aliases",
+            ],
+        )
+    )
     if versions:
-        print("\nrecall: closed-book recall of facts from the training documents (start: the starting model's);"
-              "\nheld-out: of facts from held-out documents; forgetting: perplexity change on eval.retain."
-              "\nkbtune versions --detail VERSION lists the worst-learned documents.")
+        print(
+            "\nrecall: closed-book recall of facts from the training documents (start: the starting model's);"
+            "\nheld-out: of facts from held-out documents; forgetting: perplexity change on eval.retain."
+            "\nkbtune versions --detail VERSION lists the worst-learned documents."
+        )
     return 0
 
 
@@ -89,7 +114,9 @@ def _version_detail(project: Any, ref: str, as_json: bool) -> int:
     if as_json:
         print(json.dumps({**mv.to_dict(), "worst_trained": worst}, indent=2))
         return 0
-    print(f"version {mv.version} (id {mv.id}), session {mv.training_session_id}, aliases {', '.join(mv.aliases) or '-'}")
+    print(
+        f"version {mv.version} (id {mv.id}), session {mv.training_session_id}, aliases {', '.join(mv.aliases) or '-'}"
+    )
     for key, value in sorted((mv.metrics or {}).items()):
         print(f"  {key:45s} {value:.4f}" if isinstance(value, (int, float)) else f"  {key:45s} {value}")
     if not documents:

@@ -69,6 +69,8 @@ class CleanDoc:
     split: str = ""
     formatted: str = ""
     prompt: str = field(default="")
+    # An update session's training documents: delta, replay or carried (kbtune.updates.selection).
+    role: str = ""
 
 
 def normalise_whitespace(text: str) -> str:
@@ -134,8 +136,11 @@ def format_document(s: DataSettings, doc: CleanDoc, drops: Counter) -> None:
 class DataPreparation:
     """Prepares (or loads from cache) the train/val token blocks for one KB + settings + tokenizer."""
 
-    def __init__(self, kb: KnowledgeBase, settings: DataSettings, tokenizer_factory: TokenizerFactory, cache_dir: Path):
+    def __init__(self, kb: KnowledgeBase, settings: DataSettings, tokenizer_factory: TokenizerFactory, cache_dir: Path,
+                 update: Any = None):  # fmt: skip
         self.kb = kb
+        # An UpdateBase: train on the change since that version plus a replay sample (experiment=update).
+        self.update = update
         self.settings = settings
         self.tokenizer_factory = tokenizer_factory
         # paths.cache_dir: prepared datasets live under its datasets/ folder, keyed by content.
@@ -178,6 +183,9 @@ class DataPreparation:
                 f"data.val_fraction: {len(docs)} documents gave {len(train_docs)} train and {len(val_docs)} "
                 f"validation documents; each split needs at least one (change data.val_fraction or add documents)"
             )
+        from kbtune.updates.selection import select_training
+
+        train_docs, update = select_training(train_docs, self.update, {d.id for d in docs})
         with tokenizer_parallelism():
             tokenizer = self.tokenizer_factory([d.prompt + d.formatted for d in train_docs])
         if tokenizer.eos_token_id is None:
@@ -203,7 +211,9 @@ class DataPreparation:
             "document_count": len(docs),
             "splits": counts,
             "augmentation": {"qa_pairs": len(augmentation["qa"])} if augmentation else None,
-            "documents": [{"id": d.id, "sha256": d.sha256, "split": d.split} for d in docs],
+            "update": update,
+            "documents": [{"id": d.id, "sha256": d.sha256, "split": d.split, **({"role": d.role} if d.role else {})}
+                          for d in docs],  # fmt: skip
         }
         write_prepared(directory, arrays, manifest, augmentation)
         logger.info(
@@ -310,7 +320,7 @@ class DataPreparation:
             h.update(str(tokenizer.chat_template).encode())
         for d in docs:
             # The formatted text covers template fields drawn from metadata, not only the body.
-            h.update(f"{d.id}\0{d.split}\0{d.sha256}\0".encode())
+            h.update(f"{d.id}\0{d.split}\0{d.sha256}\0{d.role}\0".encode() if d.role else f"{d.id}\0{d.split}\0{d.sha256}\0".encode())
             h.update(hashlib.sha256((d.prompt + "\0" + d.formatted).encode()).digest())
         return h.hexdigest()[:24]
 

@@ -37,6 +37,9 @@ class DataSettings:
     # Views of the training set per epoch: more views, fewer epochs for the same exposures (each epoch
     # also validates and checkpoints, a fixed cost that dominates on a small KB).
     views_per_epoch: int = 1
+    # base_version only (experiment=update): the share of unchanged training documents trained again
+    # beside the new and changed ones, so the update does not forget them.
+    replay_fraction: float = 0.0
 
     @property
     def augmented(self) -> bool:
@@ -64,6 +67,8 @@ class DataSettings:
             p.append(f"data.views_per_epoch: must be >= 1, got {self.views_per_epoch}")
         if self.views_per_epoch > 1 and not (self.repack or self.sentence_shuffle):
             p.append("data.views_per_epoch: only differs from repeating the data with data.repack or data.sentence_shuffle on")
+        if not 0.0 <= self.replay_fraction <= 1.0:
+            p.append(f"data.replay_fraction: must be between 0 and 1, got {self.replay_fraction}")
         if self.qa_pairs < 0:
             p.append(f"data.qa_pairs: must be >= 0 (pairs per training document; 0 = none), got {self.qa_pairs}")
         if self.augmented and self.format != "text":

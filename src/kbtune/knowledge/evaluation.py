@@ -48,6 +48,28 @@ def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in metrics.items()}
 
 
+def update_roles(store: Any, session_id: str) -> dict[str, Any] | None:
+    """For an update session: its parent version and each training document's role (delta, replay,
+    carried) from its data manifest; None for any other session."""
+    manifest = json.loads(store.read_text(session_id, "data/manifest.json"))
+    if not manifest.get("update"):
+        return None
+    roles = {d["id"]: d["role"] for d in manifest["documents"] if d.get("role")}
+    return {"parent": manifest["update"]["base_version"], "roles": roles}
+
+
+def role_metrics(results: list[Any], roles: dict[str, str]) -> dict[str, float]:
+    """Recall of the trained facts split by what the update did with their document: `delta` (added or
+    changed since the parent: learned?) and `unchanged` (replayed or carried: kept?)."""
+    out: dict[str, float] = {}
+    for name, wanted in (("delta", ("delta",)), ("unchanged", ("replay", "carried"))):
+        mine = [r for r in results if r.split == "train" and roles.get(r.document_id) in wanted]
+        out[f"probes_{name}"] = float(len(mine))
+        if mine:
+            out[f"recall_{name}"] = sum(r.exact for r in mine) / len(mine)
+    return out
+
+
 def read_retain_texts(source: str, kb: Any, limit: int) -> list[str]:
     """The retain set: a folder's .md/.txt files, else the documents of the Chroma collection `source`."""
     folder = Path(source).expanduser()
@@ -138,12 +160,18 @@ class KnowledgeEvaluation:
         docs, block_size = self.session_documents(mv.training_session_id)
         probes = self.probe_set(mv.training_session_id, settings.probes, docs, record)
         model, tokenizer = load_model_dir(directory)
-        start = self.starting_model(directory)
+        roles = update_roles(self.store, mv.training_session_id)
+        start = self._parent_model(roles["parent"]) if roles else self.starting_model(directory)
         probed = {p.document_id for p in probes.probes}
         texts = {d.id: d.formatted for d in docs if d.id in probed}
         after = self._score(model, tokenizer, probes, texts, block_size, settings)
         before = self._score(start, tokenizer, probes, texts, block_size, settings)
         metrics = {**_prefixed(after["metrics"], "knowledge/"), **_prefixed(before["metrics"], "knowledge/start/")}
+        if roles:
+            # An update: did it learn the change (delta), keep the rest (unchanged; its start is the
+            # parent version, so start - after is what the update forgot)?
+            metrics.update(_prefixed(role_metrics(after["results"], roles["roles"]), "knowledge/"))
+            metrics.update(_prefixed(role_metrics(before["results"], roles["roles"]), "knowledge/start/"))
         notes = {}
         change = self._forgetting(model, start, tokenizer, directory, settings)
         if isinstance(change, float):
@@ -156,6 +184,11 @@ class KnowledgeEvaluation:
             self._record(mv, report)
         logger.info("knowledge of version %s: %s", mv.version, {k: round(v, 3) for k, v in metrics.items()})
         return report
+
+    def _parent_model(self, parent: str) -> Any:
+        from kbtune.model_manager import load_model_dir
+
+        return load_model_dir(self.model_manager.model_dir(parent)[1])[0].eval()
 
     def starting_model(self, directory: Path) -> Any:
         """The untrained init (same seed as training) or the base checkpoint, without any adapter."""
@@ -174,7 +207,8 @@ class KnowledgeEvaluation:
 
         results = score_probes(model, tokenizer, probes.probes, batch_size=settings.probe_batch_size)
         losses = document_losses(model, tokenizer, texts, block_size, max(1, settings.probe_batch_size // 2))
-        return {"metrics": knowledge_metrics(results), "documents": document_report(results), "losses": losses}
+        return {"metrics": knowledge_metrics(results), "documents": document_report(results), "losses": losses,
+                "results": results}  # fmt: skip
 
     def _forgetting(self, model: Any, start: Any, tokenizer: Any, directory: Path, settings: Any) -> float | str | None:
         """Relative change of perplexity on the retain set, trained vs starting model."""

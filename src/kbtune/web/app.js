@@ -10,6 +10,7 @@ const state = {
   lastTerminalId: null, // refresh the versions when a session ends
   timer: null,
   versionsKey: "",
+  auditKey: "", auditAt: 0, audit: {},
   generating: false,      // the version selects are rebuilt only when the list changes (an open select stays open)
 };
 
@@ -331,14 +332,40 @@ function fmtPct(value) {
   return typeof value === "number" ? `${(100 * value).toFixed(1)}%` : "-";
 }
 
+// The KB's change since the champion (or latest) and the versions trained on documents since deleted or
+// changed: read again when the versions change, and at most every 30 s (each reads the whole KB).
+async function refreshKbChange(key) {
+  if (key === state.auditKey && Date.now() - state.auditAt < 30000) return;
+  state.auditKey = key; state.auditAt = Date.now();
+  const [diff, audit] = await Promise.all([api("GET", "/kb/diff"), api("GET", "/audit")]);
+  text($("kb-diff"), diff.ok ? `Knowledge base: ${diff.data.summary}.` : "");
+  state.audit = {};
+  if (audit.ok) audit.data.versions.forEach((a) => { state.audit[a.version] = a; });
+}
+
+function versionCell(tr, v) {
+  const td = document.createElement("td");
+  td.textContent = v.version;
+  const a = (state.audit || {})[v.version];
+  if (a && a.affected) {
+    const badge = document.createElement("span");
+    badge.className = "audit-badge";
+    badge.textContent = "KB changed";
+    badge.title = `trained on ${a.deleted.length} documents since deleted and ${a.changed.length} since changed (kbtune audit)`;
+    td.append(" ", badge);
+  }
+  tr.appendChild(td);
+}
+
 async function refreshVersions() {
   const result = await api("GET", "/models/versions");
   if (!result.ok) return;
+  await refreshKbChange(JSON.stringify(result.data.map((v) => [v.version, v.aliases])));
   fillVersionSelects(result.data);
   fillTable($("versions-table"), result.data, 10, (v) => {
     const m = v.metrics || {};
     const tr = document.createElement("tr");
-    cell(tr, v.version); cell(tr, v.id); cell(tr, short(v.training_session_id), true);
+    versionCell(tr, v); cell(tr, v.id); cell(tr, short(v.training_session_id), true);
     cell(tr, fmtDate(v.created_at));
     const start = m["knowledge/start/recall_trained"];
     cell(tr, fmtPct(m["knowledge/recall_trained"]) + (typeof start === "number" ? ` (${fmtPct(start)})` : ""));
