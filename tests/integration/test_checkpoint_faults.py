@@ -159,3 +159,16 @@ def test_a_checkpoint_of_another_model_or_block_size_is_refused_before_a_session
         SessionRunner(project.service).run(plan)
     assert err.value.problems == [problem.format(ckpt=ckpt)]
     assert project.store.list_sessions() == before
+
+
+def test_a_cut_short_checkpoint_given_to_a_new_session_is_named_before_a_session(stopped):
+    ckpt = stopped["root"] / "cut-short.ckpt"
+    data = (stopped["root"] / "backup" / "last.ckpt").read_bytes()
+    ckpt.write_bytes(data[: len(data) // 3])
+    plan, project = project_for(stopped["root"], stopped["kb"], f"ckpt_path={ckpt}")
+    before = project.store.list_sessions()
+    with pytest.raises(ConfigError) as err:
+        SessionRunner(project.service).run(plan)
+    (problem,) = err.value.problems
+    assert problem.startswith(f"ckpt_path: {ckpt} is not a complete checkpoint ({len(data) // 3} bytes")
+    assert project.store.list_sessions() == before
