@@ -181,3 +181,27 @@ def test_a_few_steps_are_validated_before_the_version_is_registered(tmp_path, sm
     assert [step for step, _ in service.store.metric_history(outcome.session.id, "val/loss")] == [1]
     checkpoints = service.layout.files(outcome.session.id).checkpoints
     assert [p.name for p in checkpoints.glob("best-*.ckpt")] == ["best-00-2.ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("schedule", "validated_after"),
+    [
+        # Every other epoch is validated; the third and last is not, by that schedule.
+        (
+            ["trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.check_val_every_n_epoch=2"],
+            [8, 12],
+        ),
+        # Every 2 batches of a 5-batch epoch: the last batch is not a multiple.
+        (
+            ["trainer.max_epochs=1", "trainer.limit_train_batches=5", "trainer.val_check_interval=2"],
+            [2, 4, 5],
+        ),
+    ],
+)
+def test_a_training_that_ends_off_the_validation_schedule_is_validated_at_its_end(tmp_path, small_kb, schedule,
+                                                                                 validated_after):  # fmt: skip
+    plan, service = setup(tmp_path, small_kb, *schedule)
+    outcome = SessionRunner(service).run(plan)
+    history = service.store.metric_history(outcome.session.id, "val/loss")
+    assert [step + 1 for step, _ in history] == validated_after  # logged one step behind
+    assert outcome.version.metrics["val/loss"] == history[-1][1]
