@@ -11,7 +11,7 @@ from kbtune.hydra_entry import CONF_DIR, compose, to_container
 
 CONF = CONF_DIR
 # Options that need arguments a bare compose does not have, with the overrides that complete them.
-NEEDS = {("model", "local"): ["model.path={tmp}"]}
+NEEDS = {("model", "local"): ["model.path={tmp}"], ("experiment", "update"): ["base_version=v1"]}
 # Group options that only compose on top of another selection.
 SKIP_VALIDATE = {("trainer", "fsdp"), ("trainer", "ddp")}
 
@@ -122,3 +122,13 @@ def test_each_yaml_starts_with_a_comment():
     for f in Path(CONF).rglob("*.yaml"):
         first = f.read_text().lstrip().splitlines()[0]
         assert first.startswith("#"), f"{f} should open with a comment saying what it is for"
+
+
+def test_an_update_without_its_base_version_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="base_version: required"):
+        load(to_container(compose([f"paths.root={tmp_path}", "experiment=update"])))
+
+
+def test_check_val_every_n_epoch_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.check_val_every_n_epoch: must be >= 1"):
+        load(to_container(compose([f"paths.root={tmp_path}", "trainer.check_val_every_n_epoch=0"])))
