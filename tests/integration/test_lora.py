@@ -95,7 +95,9 @@ def test_llama_lora_adapter_version_loads_like_its_merged_weights(project, check
     trained_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert trained_b and all(p.abs().sum() > 0 for p in trained_b)  # B starts at zero: it trained
 
-    merged_dir = save_model_dir(export_for_saving(copy.deepcopy(model), merge=True), tokenizer, spec.to_dict(), tmp_path / "merged")
+    merged_dir = save_model_dir(
+        export_for_saving(copy.deepcopy(model), merge=True), tokenizer, spec.to_dict(), tmp_path / "merged"
+    )
     merged, _ = load_model_dir(merged_dir)
     assert type(merged).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(logits(merged, tokenizer), logits(model, tokenizer), atol=1e-4, rtol=1e-4)
@@ -138,10 +140,14 @@ def test_gpt2_lora_merged_version_matches_the_trained_adapter(project, checkpoin
     steps = 3 * math.ceil(math.ceil(blocks / 8) / 2)  # an optimizer step every 2 batches
     assert int(torch.load(last, map_location="cpu", weights_only=True)["global_step"]) == steps
     assert type(module.model).__name__.startswith("PeftModel")  # GPT-2 Conv1D layers carry adapters
-    torch.testing.assert_close(logits(merged, tokenizer), logits(module.model, tokenizer), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        logits(merged, tokenizer), logits(module.model, tokenizer), atol=1e-4, rtol=1e-4
+    )
 
 
-def test_lora_targets_are_detected_per_architecture_and_checked_when_overridden(project, untrained, tickets_kb):
+def test_lora_targets_are_detected_per_architecture_and_checked_when_overridden(
+    project, untrained, tickets_kb
+):
     from transformers import AutoModelForCausalLM, OPTConfig
 
     from kbtune.modeling.factory import build_model
@@ -149,7 +155,15 @@ def test_lora_targets_are_detected_per_architecture_and_checked_when_overridden(
 
     llama = build_model(ModelSpec(source="local", path=str(untrained["llama"])))
     gpt2 = build_model(ModelSpec(source="local", path=str(untrained["gpt2"])))
-    assert resolve_targets(llama) == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert resolve_targets(llama) == (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     assert resolve_targets(gpt2) == ("c_attn", "c_proj", "c_fc")
     # An architecture without an entry: every Linear layer but the LM head.
     opt = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
@@ -162,3 +176,33 @@ def test_lora_targets_are_detected_per_architecture_and_checked_when_overridden(
     with pytest.raises(ConfigError) as err:
         load(to_container(compose([*kept, "model.lora.target_modules=[q_proj,c_attn]"])))
     assert "model.lora.target_modules" in str(err.value) and "q_proj" in str(err.value)
+
+
+@pytest.mark.slow
+def test_lora_with_the_knowledge_recipe_raises_recall_of_trained_facts(project, checkpoints, tmp_path):
+    """`model=local finetune=lora experiment=knowledge` on invented facts: the adapter makes the base
+    state facts it could not before (closed-book exact match), and held-out facts stay unknown."""
+    from kbtune.knowledge.facts import plant_facts
+    from kbtune.knowledge_base import KBSettings, KnowledgeBase
+    from tests.conftest import hash_embedder
+
+    kb = KnowledgeBase.connect(KBSettings(path=str(tmp_path / "facts"), collection="facts"))
+    plant_facts(kb, 12, embed=hash_embedder)
+    kept = [
+        o
+        for o in project["overrides"]
+        if not o.startswith(("model=", "kb.", "trainer.max_epochs", "data.", "eval."))
+    ]
+    overrides = [*kept, f"kb.path={tmp_path / 'facts'}", "kb.collection=facts", "model=local",
+                 f"model.path={checkpoints['llama']}", "finetune=lora", "experiment=knowledge",
+                 # A 64-wide, 2-layer base learns slowly through rank-16 adapters: a high rate, many views.
+                 "model.lora.r=16", "model.lora.dropout=0", "optim.learning_rate=1e-2", "optim.warmup_steps=5",
+                 "trainer.max_epochs=60", "data.val_fraction=0.2", "eval.after_training=true"]  # fmt: skip
+    store, manager, session, _ = trained(overrides)
+    (version,) = store.list_versions()
+    m = version.metrics
+    assert m["knowledge/probes_trained"] >= 30
+    assert m["knowledge/start/recall_trained"] == 0.0
+    assert m["knowledge/recall_trained"] >= 0.05, m
+    assert m["knowledge/mc_accuracy_trained"] > m["knowledge/start/mc_accuracy_trained"]
+    assert m["knowledge/recall_heldout"] <= m["knowledge/start/recall_heldout"] + 0.05
