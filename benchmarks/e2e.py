@@ -25,10 +25,7 @@ def train_once(workdir: Path, name: str, overrides: list[str]) -> dict[str, floa
 
     root = workdir / "e2e" / name
     shutil.rmtree(root, ignore_errors=True)
-    cmd = [harness.PYTHON, str(harness.REPO / "scripts" / "train.py"), f"paths.root={root}", *overrides]
-    seconds, proc = harness.run_timed(cmd, env=harness.bench_env(), timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"scripts/train.py {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
+    seconds = harness.train_script(root, overrides, timeout=1800)
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     experiment = client.get_experiment_by_name("kbtune")
     (run,) = client.search_runs([experiment.experiment_id])

@@ -34,7 +34,11 @@ def train_version(workdir: Path, quick: bool) -> list[str]:
     kb = kbs.sample_kb(workdir)
     root = workdir / "generation"
     shutil.rmtree(root, ignore_errors=True)
-    size = ["model=tiny", "data.block_size=64", "trainer.max_steps=20"] if quick else ["model=small", "trainer.max_steps=60"]
+    size = (
+        ["model=tiny", "data.block_size=64", "trainer.max_steps=20"]
+        if quick
+        else ["model=small", "trainer.max_steps=60"]
+    )
     overrides = [f"paths.root={root}", f"kb.path={kb['path']}", f"kb.collection={kb['collection']}", *size,
                  "trainer.enable_progress_bar=false", "eval.after_training=false", "version=bench"]  # fmt: skip
     train(compose(overrides))
@@ -62,7 +66,9 @@ def decoding(model: Any, tokenizer: Any) -> tuple[dict[str, Any], dict[str, str]
     def transformers_generate() -> dict[str, float]:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None)
+            out = model.generate(
+                torch.tensor([ids]), do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None
+            )
         seconds = time.perf_counter() - t0
         texts["transformers"] = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
         tokens = out.shape[1] - len(ids)
@@ -117,7 +123,9 @@ class Server:
         t0 = time.perf_counter()
         first, done, tokens = None, False, 0
         body = {"prompt": PROMPT, "max_new_tokens": NEW_TOKENS}
-        with httpx.stream("POST", f"{self.url}/models/{version}/generate", json=body, timeout=300) as response:
+        with httpx.stream(
+            "POST", f"{self.url}/models/{version}/generate", json=body, timeout=300
+        ) as response:
             response.raise_for_status()
             for line in response.iter_lines():
                 if first is None and line.startswith("data: "):
@@ -166,10 +174,18 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
                     a["warm cache"]["stream_tokens_per_s"], kb_["tokens_per_s"], "kbtune streamed"),
     ]  # fmt: skip
     ratio = harness.ratio(d, "kbtune streamed", "transformers generate", "tokens_per_s")
-    targets = [harness.target("generate tokens/s >= 0.95x transformers", ratio, ">=", 0.95, "transformers generate")]
+    targets = [
+        harness.target("generate tokens/s >= 0.95x transformers", ratio, ">=", 0.95, "transformers generate")
+    ]
     details = {"overrides": overrides, "prompt": PROMPT, "same_text": texts["kbtune"] == texts["transformers"],
                "tokens": {name: s["tokens"]["median"] for name, s in d.items()}}  # fmt: skip
-    return {"rows": rows, "targets": targets, "summaries": {**d, **a}, "samples": {**decoded, **api}, "details": details}
+    return {
+        "rows": rows,
+        "targets": targets,
+        "summaries": {**d, **a},
+        "samples": {**decoded, **api},
+        "details": details,
+    }
 
 
 def main() -> None:

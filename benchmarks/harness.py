@@ -81,6 +81,15 @@ def run_timed(
     return time.perf_counter() - t0, proc
 
 
+def train_script(root: Path, overrides: list[str], timeout: float = 3600) -> float:
+    """`python scripts/train.py paths.root=ROOT ...` as a user runs it; its wall time (it must succeed)."""
+    cmd = [PYTHON, str(REPO / "scripts" / "train.py"), f"paths.root={root}", *overrides]
+    seconds, proc = run_timed(cmd, env=bench_env(), timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/train.py {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
+    return seconds
+
+
 def bench_env(**extra: str) -> dict[str, str]:
     """The environment kbtune's entry points set for themselves, for the commands the benchmarks launch."""
     env = dict(os.environ)

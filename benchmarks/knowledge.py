@@ -26,7 +26,11 @@ def train_version(workdir: Path, quick: bool) -> tuple[list[str], float]:
     kb = kbs.sample_kb(workdir)
     root = workdir / "knowledge"
     shutil.rmtree(root, ignore_errors=True)
-    size = ["model=tiny", "data.block_size=64", "trainer.max_steps=20"] if quick else ["model=small", "trainer.max_epochs=3"]
+    size = (
+        ["model=tiny", "data.block_size=64", "trainer.max_steps=20"]
+        if quick
+        else ["model=small", "trainer.max_epochs=3"]
+    )
     overrides = [f"paths.root={root}", f"kb.path={kb['path']}", f"kb.collection={kb['collection']}", *size,
                  "trainer.enable_progress_bar=false", "eval.after_training=false", "version=bench"]  # fmt: skip
     t0 = time.perf_counter()
@@ -65,17 +69,38 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
 
         return measure
 
-    scored = harness.interleave({"batched (16)": scoring(16), "one at a time": scoring(1)}, rounds or 1, "scoring")
+    scored = harness.interleave(
+        {"batched (16)": scoring(16), "one at a time": scoring(1)}, rounds or 1, "scoring"
+    )
     s, sc = harness.summarise(samples), harness.summarise(scored)
     size = "model=tiny 20 steps" if quick else "model=small 3 epochs"
     n = int(s["evaluation"]["probes"]["median"])
     train_stats = harness.summary([train_seconds])
     rows = [
         harness.row("knowledge", size, "training", "wall", "s", train_stats),
-        harness.row("knowledge", f"{n} probes", "evaluation", "wall", "s", s["evaluation"]["seconds"], train_stats, "training"),
-        harness.row("knowledge", f"{n} probes", "batched (16)", "scoring", "s", sc["batched (16)"]["seconds"],
-                    sc["one at a time"]["seconds"], "one at a time"),  # fmt: skip
-        harness.row("knowledge", f"{n} probes", "one at a time", "scoring", "s", sc["one at a time"]["seconds"]),
+        harness.row(
+            "knowledge",
+            f"{n} probes",
+            "evaluation",
+            "wall",
+            "s",
+            s["evaluation"]["seconds"],
+            train_stats,
+            "training",
+        ),
+        harness.row(
+            "knowledge",
+            f"{n} probes",
+            "batched (16)",
+            "scoring",
+            "s",
+            sc["batched (16)"]["seconds"],
+            sc["one at a time"]["seconds"],
+            "one at a time",
+        ),  # fmt: skip
+        harness.row(
+            "knowledge", f"{n} probes", "one at a time", "scoring", "s", sc["one at a time"]["seconds"]
+        ),
     ]
     for key in ("recall_trained", "start/recall_trained", "recall_heldout", "mc_accuracy_trained"):
         if key in s["evaluation"]:

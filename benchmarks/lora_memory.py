@@ -28,13 +28,23 @@ import kbs
 
 CORPUS = harness.REPO / "data" / "sample_kb"
 # A ~12M-parameter Llama: big enough that optimizer state shows in RSS, small enough for 2 CPU cores.
-BASE = {"n_layer": 6, "n_head": 6, "n_embd": 384, "intermediate_size": 1024, "vocab_size": 4096, "max_position": 256}
+BASE = {
+    "n_layer": 6,
+    "n_head": 6,
+    "n_embd": 384,
+    "intermediate_size": 1024,
+    "vocab_size": 4096,
+    "max_position": 256,
+}
 MODES = {
     "full": {"lora": None, "learning_rate": 3e-4},
     "lora": {"lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": []}, "learning_rate": 2e-3},
     # LoRA dropout copies each adapted layer's input (kept for the backward): without it, the adapters
     # add almost no activation memory.
-    "lora_no_dropout": {"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": []}, "learning_rate": 2e-3},
+    "lora_no_dropout": {
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": []},
+        "learning_rate": 2e-3,
+    },
 }
 
 
@@ -57,7 +67,9 @@ def knowledge_base(workdir: Path, part: str) -> Any:
     from kbtune.ingestion import ingest_folder
     from kbtune.knowledge_base import KBSettings, KnowledgeBase
 
-    kb = KnowledgeBase.connect(KBSettings(path=str(workdir / "chroma"), collection=f"bench-{part.replace('_', '-')}"))
+    kb = KnowledgeBase.connect(
+        KBSettings(path=str(workdir / "chroma"), collection=f"bench-{part.replace('_', '-')}")
+    )
     ingest_folder(kb, CORPUS / part, embed=kbs.hash_embed)
     return kb
 
@@ -78,7 +90,9 @@ def fit(spec: Any, kb: Any, cache: Path, steps: int, lr: float, block: int, batc
     preparation = DataPreparation(kb, DataSettings(block_size=block, batch_size=batch), provider, cache)
     prepared = preparation.prepare_dataset()
     pl.seed_everything(0, verbose=False)
-    module = CausalLMModule(provider.resolved_spec().to_dict(), {"learning_rate": lr, "warmup_steps": max(1, steps // 10)})
+    module = CausalLMModule(
+        provider.resolved_spec().to_dict(), {"learning_rate": lr, "warmup_steps": max(1, steps // 10)}
+    )
     trainer = TrainerSettings(
         max_epochs=-1, max_steps=steps, val_check_interval=steps, limit_val_batches=0, enable_progress_bar=False,
         accelerator="gpu" if device == "cuda" else "cpu", log_every_n_steps=max(1, steps // 5),
@@ -112,7 +126,9 @@ def make_base(workdir: Path, steps: int, block: int, batch: int, device: str) ->
 
     spec = ModelSpec(name="bench-base", **BASE)
     kb = knowledge_base(workdir, "part_b")
-    module, prepared, seconds, _ = fit(spec, kb, workdir / "cache", steps, 1e-3, block, batch, device, workdir / "ckpt-base")
+    module, prepared, seconds, _ = fit(
+        spec, kb, workdir / "cache", steps, 1e-3, block, batch, device, workdir / "ckpt-base"
+    )
     harness.log(f"pretrained the base for {steps} steps in {seconds:.0f}s")
     directory = workdir / "base"
     save_model_dir(module.model, prepared.tokenizer, spec.to_dict(), directory)
@@ -174,14 +190,18 @@ def table(rows: list[dict[str, Any]], settings: dict[str, Any], load: dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, numbers not meaningful)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer steps (a smoke run, numbers not meaningful)"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--pretrain-steps", type=int, default=100)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--workdir", type=Path, help="keep the KBs and the base checkpoint here (reused when present)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the KBs and the base checkpoint here (reused when present)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -199,7 +219,10 @@ def main() -> None:
         load = harness.other_load()
         for mode in MODES:
             payload = json.dumps({"mode": mode, "base": str(base), "workdir": str(workdir), **settings})
-            _, proc = harness.run_timed([harness.PYTHON, __file__, "--child", payload], env=harness.bench_env(TOKENIZERS_PARALLELISM="false"))
+            _, proc = harness.run_timed(
+                [harness.PYTHON, __file__, "--child", payload],
+                env=harness.bench_env(TOKENIZERS_PARALLELISM="false"),
+            )
             if proc.returncode != 0:
                 raise SystemExit(f"{mode} run failed:\n{proc.stderr[-4000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -66,10 +66,7 @@ def train_variant(workdir: Path, name: str, overrides: list[str]) -> dict[str, f
 
     root = workdir / "recipe" / name.split()[0].replace("=", "-")
     shutil.rmtree(root, ignore_errors=True)
-    cmd = [harness.PYTHON, str(harness.REPO / "scripts" / "train.py"), f"paths.root={root}", *overrides]
-    seconds, proc = harness.run_timed(cmd, env=harness.bench_env(), timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"scripts/train.py {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
+    seconds = harness.train_script(root, overrides)
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("kbtune").experiment_id])
     (progress,) = root.glob("**/progress.json")

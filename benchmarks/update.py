@@ -33,14 +33,6 @@ def size(quick: bool) -> dict[str, Any]:
     return {"entities": 100, "new": 10, "changed": 5, "model": ["model=small"]}
 
 
-def train(root: Path, overrides: list[str]) -> float:
-    cmd = [harness.PYTHON, str(harness.REPO / "scripts" / "train.py"), f"paths.root={root}", *overrides]
-    seconds, proc = harness.run_timed(cmd, env=harness.bench_env(), timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"scripts/train.py {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
-    return seconds
-
-
 def change_kb(kb: Any, s: dict[str, Any], trained: list[str]) -> dict[str, tuple[str, str]]:
     """Add s["new"] entities; move the year of s["changed"] trained entities by 7. Returns, per changed
     document, (old year, new year)."""
@@ -92,7 +84,7 @@ def measure(workdir: Path, quick: bool) -> dict[str, Any]:
               "eval.after_training=false", *s["model"]]  # fmt: skip
     project = open_project([f"paths.root={root}", *locate])
     plant_facts(project.kb, s["entities"], embed=kbs.hash_embed)
-    base_s = train(root, [*locate, "experiment=knowledge", "version=base"])
+    base_s = harness.train_script(root, [*locate, "experiment=knowledge", "version=base"])
     store = project.store
     manifest = json.loads(
         store.read_text(store.get_version("base").training_session_id, "data/manifest.json")
@@ -100,8 +92,10 @@ def measure(workdir: Path, quick: bool) -> dict[str, Any]:
     changes = change_kb(
         project.kb, s, sorted(d["id"] for d in manifest["documents"] if d["split"] == "train")
     )
-    update_s = train(root, [*locate, "experiment=update", "base_version=base", "version=update"])
-    full_s = train(root, [*locate, "experiment=knowledge", "version=full"])
+    update_s = harness.train_script(
+        root, [*locate, "experiment=update", "base_version=base", "version=update"]
+    )
+    full_s = harness.train_script(root, [*locate, "experiment=knowledge", "version=full"])
     report = project.service.evaluate_knowledge("update")
     roles = {d["id"]: d.get("role") for d in json.loads(store.read_text(
         store.get_version("update").training_session_id, "data/manifest.json"))["documents"]}  # fmt: skip
