@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-SECTIONS = {"training", "data", "startup", "e2e", "knowledge", "generation"}
+SECTIONS = {"training", "data", "startup", "e2e", "knowledge", "recipe", "update", "generation"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_every_section_is_measured(quick_report):
         assert section["rows"], name
         for row in section["rows"]:
             # Times and losses are positive; a recall or accuracy may be 0 at toy size.
-            positive = not any(word in row["metric"] for word in ("recall", "accuracy"))
+            positive = not any(word in row["metric"] for word in ("recall", "accuracy", "changed fact"))
             assert (row["median"] > 0 or not positive) and row["min"] <= row["median"] <= row["max"], row
     assert report["meta"]["quick"] is True and "loadavg" in report["meta"]["load_before"]
 
@@ -108,3 +108,33 @@ def test_generation_compares_streaming_with_transformers_and_times_the_first_tok
     # Greedy decoding: kbtune's stream and transformers' generate wrote the same 128 tokens of text.
     assert section["details"]["same_text"] is True
     assert set(section["details"]["tokens"].values()) == {128}
+
+
+@pytest.mark.slow
+def test_recipe_compares_each_option_with_the_defaults_at_equal_exposures(quick_report):
+    report, _ = quick_report
+    section = report["sections"]["recipe"]
+    rows = {(r["variant"], r["metric"]): r for r in section["rows"]}
+    assert rows[("experiment=knowledge", "train")]["baseline"] == "defaults"
+    assert rows[("experiment=knowledge", "wall")]["ratio"] == pytest.approx(
+        rows[("experiment=knowledge", "wall")]["median"] / rows[("defaults", "wall")]["median"]
+    )
+    overrides = section["details"]["overrides"]
+    # Equal exposures: 2 epochs x 5 views against 10 epochs validated every 5.
+    assert "data.views_per_epoch=5" in overrides["experiment=knowledge"]
+    assert "trainer.check_val_every_n_epoch=5" in overrides["defaults"]
+    names = {t["name"] for t in section["targets"]}
+    assert "experiment=knowledge recall of trained facts" in names
+
+
+@pytest.mark.slow
+def test_update_compares_with_a_full_retrain(quick_report):
+    report, _ = quick_report
+    rows = {(r["variant"], r["metric"]): r for r in report["sections"]["update"]["rows"]}
+    update = rows[("update", "wall")]
+    assert update["baseline"] == "full retrain" and update["ratio"] == pytest.approx(
+        update["median"] / rows[("full retrain", "wall")]["median"]
+    )
+    assert ("base (start)", "recall unchanged") in rows and ("update", "recall delta") in rows
+    targets = {t["name"]: t for t in report["sections"]["update"]["targets"]}
+    assert targets["update wall / full retrain wall"]["value"] == pytest.approx(update["ratio"])
