@@ -192,7 +192,7 @@ def plan_from(data: dict[str, Any], problems: list[str]) -> TrainingPlan | None:
     if any(part is None for part in parts.values()) or run is None:
         return None
     problems.extend(cross_problems(parts["model"], parts["data"], parts["trainer"]))
-    if parts["data"].replay_fraction and not run.base_version:
+    if (parts["data"].replay_fraction or parts["data"].delta_repeat != 1) and not run.base_version:
         problems.append(
             "base_version: required with data.replay_fraction (experiment=update): the version to update, e.g. base_version=champion"
         )

@@ -40,6 +40,9 @@ class DataSettings:
     # base_version only (experiment=update): the share of unchanged training documents trained again
     # beside the new and changed ones, so the update does not forget them.
     replay_fraction: float = 0.0
+    # base_version only: each added or changed document appears this many times per view (each copy
+    # in its own sentence order), so the change gets more exposures than the replayed rest.
+    delta_repeat: int = 1
 
     @property
     def augmented(self) -> bool:
@@ -66,11 +69,17 @@ class DataSettings:
         if self.views_per_epoch < 1:
             p.append(f"data.views_per_epoch: must be >= 1, got {self.views_per_epoch}")
         if self.views_per_epoch > 1 and not (self.repack or self.sentence_shuffle):
-            p.append("data.views_per_epoch: only differs from repeating the data with data.repack or data.sentence_shuffle on")
+            p.append(
+                "data.views_per_epoch: only differs from repeating the data with data.repack or data.sentence_shuffle on"
+            )
         if not 0.0 <= self.replay_fraction <= 1.0:
             p.append(f"data.replay_fraction: must be between 0 and 1, got {self.replay_fraction}")
+        if self.delta_repeat < 1:
+            p.append(f"data.delta_repeat: must be >= 1, got {self.delta_repeat}")
         if self.qa_pairs < 0:
-            p.append(f"data.qa_pairs: must be >= 0 (pairs per training document; 0 = none), got {self.qa_pairs}")
+            p.append(
+                f"data.qa_pairs: must be >= 0 (pairs per training document; 0 = none), got {self.qa_pairs}"
+            )
         if self.augmented and self.format != "text":
             p.append("data.repack/sentence_shuffle/qa_pairs: apply to plain-text data (data.format=text)")
         return p
@@ -83,4 +92,5 @@ class DataSettings:
         keep += ("packing",) if self.packing != "packed" else ()
         keep += tuple(k for k in ("repack", "sentence_shuffle", "qa_pairs") if getattr(self, k))
         keep += ("views_per_epoch",) if self.views_per_epoch != 1 else ()
+        keep += ("delta_repeat",) if self.delta_repeat != 1 else ()
         return {k: v for k, v in asdict(self).items() if k in keep}

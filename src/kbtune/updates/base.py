@@ -39,5 +39,6 @@ def resolve_update(project: Any, plan: TrainingPlan) -> TrainingPlan:
         raise ConfigError(problems)
     model = ModelSpec(name=f"{saved.get('name', 'model')}", source="local", path=str(directory),
                       dropout=plan.model.dropout, dtype="float32")  # fmt: skip
-    base = UpdateBase.from_store(project.store, mv.version, plan.data.replay_fraction, plan.data.split_seed)
+    d = plan.data
+    base = UpdateBase.from_store(project.store, mv.version, d.replay_fraction, d.split_seed, d.delta_repeat)
     return dataclasses.replace(plan, model=model, update=base, tags={**plan.tags, BASE_TAG: mv.version})

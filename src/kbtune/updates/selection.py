@@ -25,13 +25,16 @@ class UpdateBase:
     hashes: dict[str, str]  # document id -> sha256 of its cleaned text at the base version
     replay_fraction: float
     seed: int
+    delta_repeat: int = 1
 
     @classmethod
-    def from_store(cls, store: Any, version: str, replay_fraction: float, seed: int) -> UpdateBase:
+    def from_store(
+        cls, store: Any, version: str, replay_fraction: float, seed: int, delta_repeat: int = 1
+    ) -> UpdateBase:
         mv = store.get_version(version)
         manifest = json.loads(store.read_text(mv.training_session_id, "data/manifest.json"))
         hashes = {d["id"]: d["sha256"] for d in manifest["documents"]}
-        return cls(mv.version, mv.training_session_id, hashes, replay_fraction, seed)
+        return cls(mv.version, mv.training_session_id, hashes, replay_fraction, seed, delta_repeat)
 
     def replayed(self, doc_id: str) -> bool:
         """A stable per-document draw: raising replay_fraction only adds documents to the sample."""
@@ -70,7 +73,13 @@ def select_training(
     if base is None:
         return train_docs, None
     counts = assign_roles(train_docs, base)
-    trained = [d for d in train_docs if d.role in TRAINED_ROLES]
+    # The delta repeated: more exposures for the change than for the replayed rest, in one stream.
+    trained = [
+        d
+        for d in train_docs
+        if d.role in TRAINED_ROLES
+        for _ in range(base.delta_repeat if d.role == DELTA else 1)
+    ]
     if not counts[DELTA]:
         from kbtune.data.settings import DataError
 
@@ -82,5 +91,6 @@ def select_training(
     counts = {"added": added, "changed": counts[DELTA] - added, **counts,
               "deleted": len(set(base.hashes) - all_ids)}  # fmt: skip
     record = {"base_version": base.version, "base_session": base.session_id, "replay_fraction": base.replay_fraction,
+              "delta_repeat": base.delta_repeat,
               "counts": counts, "delta_digest": delta_digest(train_docs)}  # fmt: skip
     return trained, record
