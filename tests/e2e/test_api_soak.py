@@ -14,10 +14,12 @@ from tests.e2e.conftest import TERMINAL
 pytestmark = pytest.mark.slow  # about 20 worker starts (torch imports, checkpoint loads): minutes
 
 CYCLES = 20
-# The settings of test_api's exact-resume test: about 140 optimizer steps, validated every 20.
+# About 1,400 optimizer steps (ten epochs of the test KB at batch 8), validated every 20: on a quiet
+# machine a tiny model trains tens of steps a second, so fewer steps than this can finish between a
+# resume and the next stop, and the 20 stops must all land mid-run.
 TRAINING = {
     "model": "tiny",
-    "max_epochs": 2,
+    "max_epochs": 10,
     "batch_size": 8,
     "block_size": 64,
     "val_check_interval": 20,
