@@ -20,6 +20,7 @@ Standalone: `python benchmarks/recipe.py [--quick]`."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ VARIANTS: dict[str, tuple[list[str], bool]] = {
     "document (block 128)": (["data.packing=document", "data.block_size=128"], False),
     "sentence_shuffle": (["data.sentence_shuffle=true"], True),
     "qa_pairs=3": (["data.qa_pairs=3"], False),
+    "repack + sentence_shuffle (packed)": (["data.repack=true", "data.sentence_shuffle=true"], True),
     "experiment=knowledge": (["experiment=knowledge"], True),
 }
 QUICK_VARIANTS = ("defaults", "experiment=knowledge")
@@ -64,7 +66,7 @@ def exposure_overrides(uses_views: bool, quick: bool) -> list[str]:
 def train_variant(workdir: Path, name: str, overrides: list[str]) -> dict[str, float]:
     from mlflow.tracking import MlflowClient
 
-    root = workdir / "recipe" / name.split()[0].replace("=", "-")
+    root = workdir / "recipe" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     shutil.rmtree(root, ignore_errors=True)
     seconds = harness.train_script(root, overrides)
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")

@@ -197,7 +197,7 @@ def test_lora_with_the_knowledge_recipe_raises_recall_of_trained_facts(project, 
                  f"model.path={checkpoints['llama']}", "finetune=lora", "experiment=knowledge",
                  # A 64-wide, 2-layer base learns slowly through rank-16 adapters: a high rate, many views.
                  "model.lora.r=16", "model.lora.dropout=0", "optim.learning_rate=1e-2", "optim.warmup_steps=5",
-                 "trainer.max_epochs=60", "data.val_fraction=0.2", "eval.after_training=true"]  # fmt: skip
+                 "trainer.max_epochs=60", "data.val_fraction=0.2", "data.block_size=128", "eval.after_training=true"]  # fmt: skip
     store, manager, session, _ = trained(overrides)
     (version,) = store.list_versions()
     m = version.metrics
