@@ -7,9 +7,10 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from kbtune.data.preparation import CleanDoc, clean_documents, format_document, split_of
+from kbtune.data.preparation import CleanDoc, DataPreparation
 from kbtune.data.settings import DataSettings
 
 
@@ -43,15 +44,10 @@ def version_data(store: Any, ref: str) -> VersionData:
 def current_documents(kb: Any, settings: DataSettings) -> tuple[dict[str, CleanDoc], Counter]:
     """The KB's documents as training would see them now: cleaned, formatted, split by the version's
     seed (a document's split depends only on its id, so it is the split training would give it)."""
-    drops: Counter = Counter()
-    docs = clean_documents(kb.iter_documents(), drops)
-    kept = {}
-    for doc in docs:
-        format_document(settings, doc, drops)
-        if doc.formatted:
-            doc.split = split_of(doc.id, settings.split_seed, settings.val_fraction)
-            kept[doc.id] = doc
-    return kept, drops
+    # The data stage's own collect step (no tokenizer or cache involved), so a diff sees exactly the
+    # documents a training would.
+    docs, drops = DataPreparation(kb, settings, tokenizer_factory=None, cache_dir=Path(".")).collect()
+    return {d.id: d for d in docs}, drops
 
 
 @dataclass

@@ -6,7 +6,6 @@ or a rerun selects exactly the same documents."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +30,11 @@ class UpdateBase:
     def from_store(
         cls, store: Any, version: str, replay_fraction: float, seed: int, delta_repeat: int = 1
     ) -> UpdateBase:
-        mv = store.get_version(version)
-        manifest = json.loads(store.read_text(mv.training_session_id, "data/manifest.json"))
-        hashes = {d["id"]: d["sha256"] for d in manifest["documents"]}
-        return cls(mv.version, mv.training_session_id, hashes, replay_fraction, seed, delta_repeat)
+        from kbtune.updates.diff import version_data
+
+        base = version_data(store, version)
+        hashes = {doc_id: d["sha256"] for doc_id, d in base.documents.items()}
+        return cls(base.version, base.session_id, hashes, replay_fraction, seed, delta_repeat)
 
     def replayed(self, doc_id: str) -> bool:
         """A stable per-document draw: raising replay_fraction only adds documents to the sample."""
