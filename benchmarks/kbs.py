@@ -72,12 +72,21 @@ def synthetic_chunk(index: int, words: list[str], probs: Any) -> list[str]:
 
 
 def synthetic_kbs(workdir: Path, sizes: list[int]) -> dict[int, dict[str, str]]:
-    """One collection per size (`syn<size>`) in one store; built only where missing or incomplete."""
+    """One collection per size (`syn<size>`), built only where missing or incomplete. The sizes up to
+    100k share one store; a million documents (~9 GB on disk, ~15 min to build on 2 cores) get their
+    own, so the smaller collections are not read from beside them."""
+    out = {}
+    for store, group in (("chroma", [n for n in sizes if n < 1_000_000]), ("chroma-1m", [n for n in sizes if n >= 1_000_000])):
+        if group:
+            out.update(_build(workdir / "synthetic_kb" / store, group))
+    return out
+
+
+def _build(path: Path, sizes: list[int]) -> dict[int, dict[str, str]]:
     import chromadb
     import numpy as np
     from chromadb.config import Settings
 
-    path = workdir / "synthetic_kb" / "chroma"
     client = chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
     existing = {c if isinstance(c, str) else c.name for c in client.list_collections()}
     words, probs = None, None

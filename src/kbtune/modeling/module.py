@@ -13,7 +13,7 @@ import torch
 from torchmetrics import MeanMetric, SumMetric
 
 from kbtune.modeling.factory import ModelSpec, build_model
-from kbtune.modeling.loss import TokenStats, token_stats
+from kbtune.modeling.loss import TokenStats, head_token_stats, token_stats
 from kbtune.modeling.optim import OptimSettings, lr_lambda
 
 
@@ -30,15 +30,24 @@ class CausalLMModule(pl.LightningModule):
             from kbtune.modeling.lora import apply_lora
 
             self.model = apply_lora(self.model, self.spec.lora)
+        self._head = chunked_head(self.model)
         self.val_loss = MeanMetric()
         self.val_correct = SumMetric()
         self.val_tokens = SumMetric()
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> TokenStats:
-        return token_stats(self.model(input_ids=input_ids).logits, labels)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, count_correct: bool = True) -> TokenStats:
+        if self._head is None or self._sharded():
+            return token_stats(self.model(input_ids=input_ids).logits, labels)
+        decoder, head = self._head
+        hidden = decoder(input_ids=input_ids).last_hidden_state
+        return head_token_stats(hidden, head.weight, labels, count_correct=count_correct)
+
+    def _sharded(self) -> bool:
+        # FSDP gathers the parameters in its wrapper's forward; the head must not be read around it.
+        return self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch["input_ids"], batch["labels"]).loss
+        loss = self(batch["input_ids"], batch["labels"], count_correct=False).loss
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
@@ -102,3 +111,21 @@ class CausalLMModule(pl.LightningModule):
 
     def optim_dict(self) -> dict[str, Any]:
         return asdict(self.optim)
+
+
+# Decoders whose logits are exactly lm_head(last_hidden_state): a bias-free linear head, no logit
+# scaling or soft-capping. Others (and a LoRA-wrapped head) train on the full logits.
+CHUNKED_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+
+
+def chunked_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
+    """(decoder, LM head) when the loss can run on the hidden state with the chunked head, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model
+    config = base.config
+    if config.model_type not in CHUNKED_HEAD_TYPES or getattr(config, "final_logit_softcapping", None):
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    # Not a registered submodule twice: a tuple attribute is invisible to state_dict and .to().
+    return base.get_decoder(), head

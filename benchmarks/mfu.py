@@ -1,0 +1,112 @@
+"""Model-FLOP utilisation over model sizes: what this CPU can do in training, in bf16 and fp32.
+
+Three Llama shapes built from configs, all on the sample KB with model=small's tokenizer (vocabulary
+8192), batch 8, block 256: model=small (~5.5M parameters), ~25M (6 layers, width 512) and ~100M (12
+layers, width 768). Each runs kbtune's real training path (TrainingService.train_model, as in the
+training section) and the plain PyTorch loop (the model's own loss, fused AdamW), in bf16-mixed
+(only where the CPU supports bf16) and fp32, interleaved in rotating order. MFU uses causal
+attention FLOPs (training.FLOPS_FORMULA) against the measured peak of each precision.
+
+Standalone: `python benchmarks/mfu.py [--quick]`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import harness
+import training
+
+SIZES = {
+    "model=small": (),
+    "~25M": ("model.n_layer=6", "model.n_embd=512", "model.n_head=8", "model.intermediate_size=1536"),
+    "~100M": ("model.n_layer=12", "model.n_embd=768", "model.n_head=12", "model.intermediate_size=2304"),
+}
+QUICK_SIZES = {"model=tiny": (), "tiny x2": ("model.n_embd=128", "model.intermediate_size=256")}
+# (warmup steps skipped, timed steps) per size: a bigger model's steps are long enough that fewer do.
+STEPS = {"model=small": (3, 12), "~25M": (2, 6), "~100M": (2, 3)}
+
+
+def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]:
+    from kbtune.training_loop import bf16_supported
+
+    rounds = rounds or (1 if quick else 2)
+    sizes = QUICK_SIZES if quick else SIZES
+    precisions = ("bf16-mixed", "32-true") if bf16_supported("cpu") else ("32-true",)
+    peak_s = 0.05 if quick else 0.3
+    peak = {"bf16-mixed": training.matmul_peak_gflops("bfloat16", peak_s) if len(precisions) > 1 else None,
+            "32-true": training.matmul_peak_gflops("float32", peak_s)}  # fmt: skip
+    contexts, flops, params = {}, {}, {}
+    for size, overrides in sizes.items():
+        warmup, measured = (2, 4) if quick else STEPS[size]
+        for precision in precisions:
+            contexts[size, precision] = training.Context(
+                workdir, quick, warmup, measured, (*overrides, f"trainer.precision={precision}")
+            )
+        ctx = contexts[size, precisions[0]]
+        flops[size] = ctx.flops_per_token()
+        params[size] = sum(p.numel() for p in ctx.new_model().parameters())
+    variants = {}
+    for (size, precision), ctx in contexts.items():
+        variants[f"{size} {precision} kbtune"] = lambda ctx=ctx: training.run_kbtune(ctx)
+        variants[f"{size} {precision} plain"] = lambda ctx=ctx: training.run_plain(ctx)
+    samples = harness.interleave(variants, rounds, "mfu")
+    for name, runs in samples.items():
+        size = next(s for s in sizes if name.startswith(s + " "))
+        precision = name.split()[-2]
+        for sample in runs:
+            sample["mfu_percent"] = 100 * sample["tokens_per_s"] * flops[size] / (peak[precision] * 1e9)
+    s = harness.summarise(samples)
+    rows, targets, table = [], [], []
+    for size in sizes:
+        for precision in precisions:
+            k, p = f"{size} {precision} kbtune", f"{size} {precision} plain"
+            comparison = f"{size} ({params[size] / 1e6:.1f}M) {precision}"
+            rows.append(harness.row("mfu", comparison, "plain", "throughput", "tok/s", s[p]["tokens_per_s"]))
+            rows.append(harness.row("mfu", comparison, "kbtune", "throughput", "tok/s", s[k]["tokens_per_s"],
+                                    s[p]["tokens_per_s"], "plain"))  # fmt: skip
+            rows.append(harness.row("mfu", comparison, "plain", "MFU", "%", s[p]["mfu_percent"]))
+            rows.append(harness.row("mfu", comparison, "kbtune", "MFU", "%", s[k]["mfu_percent"]))
+            ratio = harness.ratio(s, k, p, "tokens_per_s")
+            targets.append(
+                harness.target(f"kbtune / plain loop tok/s, {comparison}", ratio, ">=", 0.95, "plain loop")
+            )
+            table.append([size, f"{params[size] / 1e6:.1f}M", precision,
+                          f"{s[k]['tokens_per_s']['median']:,.0f}", f"{s[k]['mfu_percent']['median']:.1f}%",
+                          f"{s[p]['tokens_per_s']['median']:,.0f}", f"{s[p]['mfu_percent']['median']:.1f}%",
+                          f"{ratio:.2f}x"])  # fmt: skip
+    largest = list(sizes)[-1]
+    default = precisions[0]
+    largest_mfu = s[f"{largest} {default} kbtune"]["mfu_percent"]["median"]
+    targets.append(
+        harness.target(f"MFU of {largest} in {default}, kbtune, % of measured peak", largest_mfu, ">=", 50.0)
+    )
+    all_ratios = [t for t in targets if t["name"].startswith("kbtune / plain")]
+    worst = min(all_ratios, key=lambda t: t["value"])
+    readme = [
+        {"comparison": f"MFU of the {largest} configuration, kbtune, {default}",
+         "result": f"**{largest_mfu:.1f}%** of the measured peak (table below)", "target": ">= 50%", "met": targets[-1]["met"]},
+        {"comparison": "kbtune vs the plain loop at every size and precision of the MFU table",
+         "result": f"lowest ratio **{worst['value']:.2f}x** ({worst['name'].split(', ', 1)[1]})", "target": ">= 0.95x",
+         "met": all(t["met"] for t in all_ratios)},
+    ]  # fmt: skip
+    peaks = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peak.items() if v)
+    readme_tables = [{
+        "title": "Training MFU by model size (`--only mfu`; batch 8, block 256)",
+        "header": ["size", "parameters", "precision", "kbtune tok/s", "kbtune MFU", "plain tok/s", "plain MFU", "kbtune / plain"],
+        "rows": table,
+        "note": f"Measured peaks: {peaks}. MFU = tok/s x (6N + causal attention FLOPs per token) / peak. Medians of {rounds} rounds.",
+    }]  # fmt: skip
+    details = {"sizes": {k: list(v) for k, v in sizes.items()}, "params": params, "flops_per_token": flops,
+               "peak_gflops": peak, "steps": STEPS, "precisions": list(precisions)}  # fmt: skip
+    return {"rows": rows, "targets": targets, "summaries": s, "samples": samples, "details": details,
+            "readme": readme, "readme_tables": readme_tables}  # fmt: skip
+
+
+def main() -> None:
+    harness.section_main(run, __doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
