@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help install install-dev train test test-fast lint bench ui
+.PHONY: help install install-dev train test test-fast lint bench bench-table ui
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -39,8 +39,11 @@ lint: install-dev  ## ruff lint and format check
 	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(VENV)/bin/ruff format --check src tests scripts benchmarks
 
-bench: install-dev  ## run the performance benchmarks (prints a table, writes benchmarks/results/latest.json)
+bench: install-dev  ## run the performance benchmarks (prints a table, writes benchmarks/results/<date>-<machine>.json)
 	$(PY) benchmarks/run.py
+
+bench-table: install  ## write the README's performance table from the newest results JSON
+	$(PY) benchmarks/readme_table.py
 
 ui: install  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
 	$(VENV)/bin/kbtune ui

@@ -79,8 +79,25 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
                 "default",
             )
         )
+    m = {name: {k: v["median"] for k, v in stats.items()} for name, stats in s.items()}
+    what = "20 steps of model=tiny" if quick else "3 epochs of model=small"
+    result = f"{harness.num(m['default']['seconds'])} s, final val/loss {m['default']['val_loss']:.3f}"
+    if "fp32" in m:
+        result += f" (fp32: {harness.num(m['fp32']['seconds'])} s, {m['fp32']['val_loss']:.3f})"
+    readme = [
+        harness.readme_row(
+            f"end to end: `scripts/train.py`, {what} on the sample KB, a fresh project root", result
+        )
+    ]
     details = {"overrides": base}
-    return {"rows": rows, "targets": [], "summaries": s, "samples": samples, "details": details}
+    return {
+        "rows": rows,
+        "targets": [],
+        "readme": readme,
+        "summaries": s,
+        "samples": samples,
+        "details": details,
+    }
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -27,12 +28,17 @@ def log(message: str) -> None:
 def interleave(
     variants: dict[str, Callable[[], dict[str, float]]], rounds: int, label: str = ""
 ) -> dict[str, list[dict[str, float]]]:
-    """Run each variant once per round, in the same order every round; return each one's samples."""
+    """Run each variant once per round and return each one's samples. The order rotates: round r
+    starts at variant r mod n (A B C, B C A, C A B, ...), so no variant always runs first (cold
+    caches) or always right after the same neighbour."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    names = list(variants)
     for r in range(rounds):
-        for name, measure in variants.items():
+        order = names[r % len(names) :] + names[: r % len(names)] if names else []
+        log(f"  [{label}] round {r + 1}/{rounds} order: {', '.join(order)}")
+        for name in order:
             t0 = time.perf_counter()
-            sample = measure()
+            sample = variants[name]()
             samples[name].append(sample)
             shown = ", ".join(f"{k}={v:.4g}" for k, v in sample.items() if isinstance(v, (int, float)))
             log(f"  [{label}] round {r + 1}/{rounds} {name}: {shown} ({time.perf_counter() - t0:.1f}s)")
@@ -63,6 +69,8 @@ def row(section: str, comparison: str, variant: str, metric: str, unit: str, sta
         "section": section, "comparison": comparison, "variant": variant, "metric": metric, "unit": unit,
         "median": stats["median"], "min": stats["min"], "max": stats["max"], "n": len(stats["values"]),
         "ratio": stats["median"] / baseline["median"] if baseline else None, "baseline": baseline_name or None,
+        # Which printed figure the ratio divides by: the median of the row named by `baseline`.
+        "baseline_median": baseline["median"] if baseline else None,
     }  # fmt: skip
 
 
@@ -70,6 +78,22 @@ def target(name: str, value: float | None, op: str, threshold: float, baseline: 
     """A target from the issue, checked on this run's numbers (None when the run did not measure it)."""
     met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
     return {"name": name, "value": value, "op": op, "threshold": threshold, "baseline": baseline, "met": met}
+
+
+def all_met(targets: list[dict[str, Any]]) -> bool | None:
+    """Whether every one of `targets` was met: False if any was missed, None if any was not measured."""
+    mets = [t["met"] for t in targets]
+    return False if False in mets else (None if None in mets or not mets else True)
+
+
+def readme_row(comparison: str, result: str, target_text: str = "",
+               targets: list[dict[str, Any]] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A line of the README's table (benchmarks/readme_table.py renders it), written by a section from
+    its own figures. `targets`: the target dicts the line states, whose `met` it shows."""
+    out: dict[str, Any] = {"comparison": comparison, "result": result, "target": target_text}
+    if targets:
+        out["met"], out["targets"] = all_met(targets), [t["name"] for t in targets]
+    return out
 
 
 def run_timed(
@@ -126,20 +150,43 @@ def other_load(sample_s: float = 1.0) -> dict[str, Any]:
             "quiet": total < 20}  # fmt: skip
 
 
+# The CPU features that decide matmul speed (and so MFU and every throughput figure).
+MATMUL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+_NOT_FAMILY = {"r", "tm", "cpu", "processor", "genuine", "authentic", "with", "radeon", "graphics"}
+
+
+def machine_slug(cpu: str, cores: int | None, flags: list[str]) -> str:
+    """A filename-safe name for the machine: vendor and family words of the CPU model, the core count,
+    and `amx` where the CPU has AMX bf16 ("intel-xeon-2c-amx", "amd-epyc-2c")."""
+    words = []
+    for word in re.findall(r"[A-Za-z][A-Za-z0-9]*", cpu.split("@")[0]):
+        if word.lower() in _NOT_FAMILY or any(c.isdigit() for c in word):
+            continue
+        words.append(word.lower())
+    parts = [*(words[:2] or ["cpu"]), f"{cores or 0}c", *(["amx"] if "amx_bf16" in flags else [])]
+    return re.sub(r"[^a-z0-9-]+", "", "-".join(parts))
+
+
 def machine() -> dict[str, Any]:
     info = ""
     with contextlib.suppress(OSError):
         info = Path("/proc/cpuinfo").read_text()
-    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    cpu, flags = (names[0] if names else platform.processor()), info
+    lines = info.splitlines()
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    present = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    cpu, cores = (names[0] if names else platform.processor() or platform.machine()), os.cpu_count()
+    flags = [f for f in MATMUL_FLAGS if f in present]
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+        "cpu": cpu, "cores": cores, "python": platform.python_version(),
+        "avx512_bf16": "avx512_bf16" in present, "amx_bf16": "amx_bf16" in present,
+        "flags": flags, "slug": machine_slug(cpu, cores, flags),
     }  # fmt: skip
 
 
 # -- the table ------------------------------------------------------------------------------------
-def _num(value: float | None, unit: str = "") -> str:
+def num(value: float | None, unit: str = "") -> str:
+    """A figure as the tables print it: 3 significant digits below 10, then 2 and 1 decimals, then
+    thousands separators."""
     if value is None:
         return "-"
     if unit == "%":
@@ -155,7 +202,7 @@ def render(report: dict[str, Any]) -> str:
     rows = [r for section in report["sections"].values() for r in section.get("rows", [])]
     header = ["section", "comparison", "variant", "metric", "median", "min..max", "n", "ratio"]
     lines = [[r["section"], r["comparison"], r["variant"], f"{r['metric']} ({r['unit']})" if r["unit"] else r["metric"],
-              _num(r["median"], r["unit"]), f"{_num(r['min'], r['unit'])}..{_num(r['max'], r['unit'])}", str(r["n"]),
+              num(r["median"], r["unit"]), f"{num(r['min'], r['unit'])}..{num(r['max'], r['unit'])}", str(r["n"]),
               f"{r['ratio']:.2f}x {r['baseline']}" if r["ratio"] is not None else ""] for r in rows]  # fmt: skip
     widths = [
         max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)
@@ -171,9 +218,12 @@ def render(report: dict[str, Any]) -> str:
             value = "-" if t["value"] is None else f"{t['value']:.3g}"
             base = f" (vs {t['baseline']})" if t["baseline"] else ""
             out.append(f"  [{mark:>12}] {t['name']}: {value} {t['op']} {t['threshold']:g}{base}")
-    load = report["meta"].get("load_before", {})
-    out += ["", f"load before: {load.get('loadavg')} other processes {load.get('other_cpu_percent')}% CPU"
-                f" ({'quiet' if load.get('quiet') else 'NOT quiet: timings are noisy'})"]  # fmt: skip
+    out.append("")
+    for when in ("before", "after"):
+        load = report["meta"].get(f"load_{when}")
+        if load:
+            out.append(f"load {when}: {load.get('loadavg')} other processes {load.get('other_cpu_percent')}% CPU"
+                       f" ({'quiet' if load.get('quiet') else 'NOT quiet: timings are noisy'})")  # fmt: skip
     return "\n".join(out)
 
 

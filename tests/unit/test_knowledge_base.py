@@ -30,13 +30,28 @@ class SpyCollection:
         return getattr(self._c, name)
 
 
-def test_export_reads_every_document_in_bounded_pages(kb, monkeypatch):
+def test_export_reads_every_document_in_bounded_pages_in_id_order(kb, monkeypatch):
+    import kbtune.knowledge_base as module
+
+    monkeypatch.setattr(module, "ID_PAGE", 40)  # the id listing pages too: 40 + 40 + 15
     spy = SpyCollection(kb._collection())
     monkeypatch.setattr(kb, "_collection", lambda: spy)
     pages = list(kb.iter_pages())
     assert [len(p) for p in pages] == [10] * 9 + [5]
-    assert sorted(d.id for p in pages for d in p) == [f"d{i:03d}" for i in range(95)]
-    assert spy.calls and all(c["limit"] == 10 for c in spy.calls), "an unbounded get() was made"
+    assert [d.id for p in pages for d in p] == [f"d{i:03d}" for i in range(95)]
+    listing = [c for c in spy.calls if c["include"] == []]
+    fetches = [c for c in spy.calls if c["include"] != []]
+    assert [c["limit"] for c in listing] == [40, 40, 40], "an unbounded id listing was made"
+    # Documents are fetched by id, never at an offset (a read at an offset costs Chroma the offset).
+    assert len(fetches) == 10 and all(len(c["ids"]) <= 10 and "offset" not in c for c in fetches)
+
+
+def test_a_document_deleted_during_the_export_is_left_out(kb):
+    pages = kb.iter_pages()
+    first = next(pages)
+    kb.delete(["d050"])
+    rest = [d.id for p in pages for d in p]
+    assert len(first) == 10 and "d050" not in rest and len(first) + len(rest) == 94
 
 
 def test_export_is_lazy(kb):
