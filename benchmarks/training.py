@@ -292,8 +292,10 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
 
     # The loss comparison: identical settings for hundreds of steps past the warmup, so it can fail.
     loss_steps = ctx.plan.optim.warmup_steps + (20 if quick else 300)
-    long = {"kbtune": Context(workdir, quick, 1, loss_steps - 1, timed=False),
-            "kbtune_fp32": Context(workdir, quick, 1, loss_steps - 1, ("trainer.precision=32-true",), timed=False)}  # fmt: skip
+    # Enough epochs that max_steps ends kbtune's run (the default 3 epochs would stop it first).
+    epochs = f"trainer.max_epochs={loss_steps // ctx.steps_per_epoch + 2}"
+    long = {"kbtune": Context(workdir, quick, 1, loss_steps - 1, (epochs,), timed=False),
+            "kbtune_fp32": Context(workdir, quick, 1, loss_steps - 1, (epochs, "trainer.precision=32-true"), timed=False)}  # fmt: skip
     converged = harness.interleave(
         {
             "kbtune": lambda: run_kbtune(long["kbtune"]),
