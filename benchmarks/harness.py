@@ -167,6 +167,20 @@ def machine_slug(cpu: str, cores: int | None, flags: list[str]) -> str:
     return re.sub(r"[^a-z0-9-]+", "", "-".join(parts))
 
 
+def commit() -> str:
+    """The commit the benchmarks ran from (+dirty when tracked files had changes): a result is of that code."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
+    head = git("rev-parse", "HEAD")
+    return (
+        f"{head}+dirty"
+        if head and git("status", "--porcelain", "--untracked-files=no")
+        else head or "unknown"
+    )
+
+
 def machine() -> dict[str, Any]:
     info = ""
     with contextlib.suppress(OSError):

@@ -268,13 +268,13 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
                              f"{s[name]['mfu_percent']['median']:.1f}%", extra])  # fmt: skip
     before, now = prof["kbtune before (full logits)"]["step_ms"], prof["kbtune now"]["step_ms"]
     readme_tables = [
-        {"title": f"Where a training step of model=small goes ({default}, batch {ctx.batch}, block {ctx.block}; "
+        {"title": f"Where a training step of model={ctx.spec.name} goes ({default}, batch {ctx.batch}, block {ctx.block}; "
                   "`--only profile`)",
          "header": header, "rows": table,
          "note": f"Profiler self-times per step; the step column is timed without the profiler. At the measured "
                  f"{'bf16' if default.startswith('bf16') else 'fp32'} peak the model's matmuls (6N FLOPs per token) would need "
                  f"{ideal_ms:.0f} ms. Before -> now: {before:.0f} -> {now:.0f} ms ({before / now:.2f}x)."},
-        {"title": "bf16 options on model=small (plain step loop, same loss, weights and batches)",
+        {"title": f"bf16 options on model={ctx.spec.name} (plain step loop, same loss, weights and batches)",
          "header": ["option", "step ms", "tok/s", "vs bf16-mixed", "MFU", "note"], "rows": options_rows,
          "note": f"MFU against the measured peak of the precision: bf16 {peak['bf16-mixed']:,.0f}, fp32 {peak['fp32']:,.0f} GFLOP/s."},
     ]  # fmt: skip

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "quick": args.quick, "started": now.isoformat(timespec="seconds"),
-            "machine": machine, "workdir": str(workdir), "load_before": harness.other_load(),
+            "machine": machine, "commit": harness.commit(), "workdir": str(workdir), "load_before": harness.other_load(),
         },
         "sections": {},
     }  # fmt: skip

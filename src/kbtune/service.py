@@ -223,7 +223,7 @@ class TrainingService:
         from kbtune.modeling.module import CausalLMModule
 
         pl.seed_everything(plan.seed, workers=True, verbose=False)
-        module = CausalLMModule(spec.to_dict(), asdict(plan.optim))
+        module = CausalLMModule(spec.to_dict(), asdict(plan.optim), compile=plan.trainer.compile)
         datamodule = KBDataModule(preparation, plan.data.batch_size, seed=plan.seed)
         loop = TrainingLoop(plan.trainer, plan.callbacks, self.layout.files(session_id).checkpoints)
         # DDP/FSDP launch the other ranks inside fit(); they inherit this session from the environment.

@@ -159,3 +159,33 @@ def test_checkpoint_holds_primitives_and_loads_with_weights_only(module, tmp_pat
     assert restored.spec == SPEC and restored.optim == OptimSettings(**OPTIM)
     for name, tensor in module.state_dict().items():
         assert torch.equal(tensor, restored.state_dict()[name]), name
+
+
+@pytest.mark.slow
+def test_a_compiled_training_step_gives_the_eager_loss_gradients_and_checkpoint_keys():
+    torch.manual_seed(0)
+    eager = CausalLMModule(SPEC.to_dict(), OPTIM)
+    torch.manual_seed(0)
+    compiled = CausalLMModule(SPEC.to_dict(), OPTIM, compile=True)
+    batch = batches(1)[0]
+    expected, got = eager.training_step(batch, 0), compiled.training_step(batch, 0)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    expected.backward()
+    got.backward()
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # The compiled decoder is not a submodule: checkpoints keep the eager model's keys.
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    assert type(compiled._train_decoder).__name__ == "OptimizedModule"
+
+
+def test_compile_is_refused_where_the_loss_needs_the_full_logits(monkeypatch):
+    from kbtune.modeling import module as module_file
+    from kbtune.modeling.factory import ModelError
+    from kbtune.training_loop import TrainerSettings
+
+    monkeypatch.setattr(module_file, "chunked_head", lambda model: None)
+    with pytest.raises(ModelError, match=r"trainer.compile.*trainer.compile=false"):
+        CausalLMModule(SPEC.to_dict(), OPTIM, compile=True)
+    assert any("trainer.compile" in p for p in TrainerSettings(compile=True, strategy="fsdp").validate())
+    assert any("trainer.compile" in p for p in TrainerSettings(compile="yes").validate())

@@ -12,13 +12,13 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from kbtune.modeling.factory import ModelSpec, build_model
+from kbtune.modeling.factory import ModelError, ModelSpec, build_model
 from kbtune.modeling.loss import TokenStats, head_token_stats, token_stats
 from kbtune.modeling.optim import OptimSettings, lr_lambda
 
 
 class CausalLMModule(pl.LightningModule):
-    def __init__(self, model_spec: dict[str, Any], optim: dict[str, Any] | None = None):
+    def __init__(self, model_spec: dict[str, Any], optim: dict[str, Any] | None = None, compile: bool = False):
         super().__init__()
         # Plain dicts only: the checkpoint stays loadable with weights_only=True. Not logged: the
         # session's run already holds the full resolved config as params and an artifact.
@@ -31,14 +31,28 @@ class CausalLMModule(pl.LightningModule):
 
             self.model = apply_lora(self.model, self.spec.lora)
         self._head = chunked_head(self.model)
+        # trainer.compile: the training steps run a compiled decoder (same module, same weights);
+        # validation keeps the eager one, so eval mode and no_grad cost no second compile.
+        self._train_decoder = None
+        if compile:
+            if self._head is None:
+                raise ModelError(
+                    f"trainer.compile: needs a decoder kbtune computes the loss of from its hidden state "
+                    f"({', '.join(CHUNKED_HEAD_TYPES)}) with a plain LM head; this model is "
+                    f"{self.model.config.model_type!r}: set trainer.compile=false"
+                )
+            self._train_decoder = torch.compile(self._head[0])
         self.val_loss = MeanMetric()
         self.val_correct = SumMetric()
         self.val_tokens = SumMetric()
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, count_correct: bool = True) -> TokenStats:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, count_correct: bool = True,
+                training: bool = False) -> TokenStats:  # fmt: skip
         if self._head is None or self._sharded():
             return token_stats(self.model(input_ids=input_ids).logits, labels)
         decoder, head = self._head
+        if training and self._train_decoder is not None:
+            decoder = self._train_decoder
         hidden = decoder(input_ids=input_ids).last_hidden_state
         return head_token_stats(hidden, head.weight, labels, count_correct=count_correct)
 
@@ -47,7 +61,7 @@ class CausalLMModule(pl.LightningModule):
         return self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch["input_ids"], batch["labels"], count_correct=False).loss
+        loss = self(batch["input_ids"], batch["labels"], count_correct=False, training=True).loss
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
