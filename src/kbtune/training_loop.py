@@ -68,9 +68,7 @@ class TrainerSettings:
             p.append(
                 f"trainer.gradient_clip_val: must be >= 0 (0 disables clipping), got {self.gradient_clip_val}"
             )
-        if not isinstance(self.compile, bool):
-            p.append(f"trainer.compile: must be true or false, got {self.compile!r}")
-        elif self.compile and self.strategy.startswith("fsdp"):
+        if self.compile and self.strategy.startswith("fsdp"):
             p.append("trainer.compile: not supported with trainer=fsdp (FSDP gathers the weights the compiled step reads)")
         if self.precision not in PRECISIONS:
             p.append(f"trainer.precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")

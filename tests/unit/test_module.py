@@ -176,7 +176,8 @@ def test_a_compiled_training_step_gives_the_eager_loss_gradients_and_checkpoint_
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
     # The compiled decoder is not a submodule: checkpoints keep the eager model's keys.
     assert compiled.state_dict().keys() == eager.state_dict().keys()
-    assert type(compiled._train_decoder).__name__ == "OptimizedModule"
+    assert type(compiled._compiled[0]).__name__ == "OptimizedModule"
+    assert "compile" not in compiled.hparams
 
 
 def test_compile_is_refused_where_the_loss_needs_the_full_logits(monkeypatch):
@@ -188,4 +189,3 @@ def test_compile_is_refused_where_the_loss_needs_the_full_logits(monkeypatch):
     with pytest.raises(ModelError, match=r"trainer.compile.*trainer.compile=false"):
         CausalLMModule(SPEC.to_dict(), OPTIM, compile=True)
     assert any("trainer.compile" in p for p in TrainerSettings(compile=True, strategy="fsdp").validate())
-    assert any("trainer.compile" in p for p in TrainerSettings(compile="yes").validate())

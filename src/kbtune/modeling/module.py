@@ -22,7 +22,9 @@ class CausalLMModule(pl.LightningModule):
         super().__init__()
         # Plain dicts only: the checkpoint stays loadable with weights_only=True. Not logged: the
         # session's run already holds the full resolved config as params and an artifact.
-        self.save_hyperparameters(logger=False)
+        # `compile` is how this process trains, not what the checkpoint holds: a checkpoint loaded to
+        # evaluate or export is never compiled.
+        self.save_hyperparameters(ignore=["compile"], logger=False)
         self.spec = ModelSpec.from_dict(model_spec)
         self.optim = OptimSettings(**(optim or {}))
         self.model = build_model(self.spec)
@@ -33,7 +35,9 @@ class CausalLMModule(pl.LightningModule):
         self._head = chunked_head(self.model)
         # trainer.compile: the training steps run a compiled decoder (same module, same weights);
         # validation keeps the eager one, so eval mode and no_grad cost no second compile.
-        self._train_decoder = None
+        # In a tuple: a module attribute would register it as a submodule, and checkpoints would hold
+        # every weight twice (under _orig_mod).
+        self._compiled: tuple[Any, ...] = ()
         if compile:
             if self._head is None:
                 raise ModelError(
@@ -41,7 +45,7 @@ class CausalLMModule(pl.LightningModule):
                     f"({', '.join(CHUNKED_HEAD_TYPES)}) with a plain LM head; this model is "
                     f"{self.model.config.model_type!r}: set trainer.compile=false"
                 )
-            self._train_decoder = torch.compile(self._head[0])
+            self._compiled = (torch.compile(self._head[0]),)
         self.val_loss = MeanMetric()
         self.val_correct = SumMetric()
         self.val_tokens = SumMetric()
@@ -51,8 +55,8 @@ class CausalLMModule(pl.LightningModule):
         if self._head is None or self._sharded():
             return token_stats(self.model(input_ids=input_ids).logits, labels)
         decoder, head = self._head
-        if training and self._train_decoder is not None:
-            decoder = self._train_decoder
+        if training and self._compiled:
+            decoder = self._compiled[0]
         hidden = decoder(input_ids=input_ids).last_hidden_state
         return head_token_stats(hidden, head.weight, labels, count_correct=count_correct)
 
