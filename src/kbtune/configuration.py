@@ -217,6 +217,13 @@ def parse_eval(data: dict[str, Any], problems: list[str]) -> Any:
 def cross_problems(model: ModelSpec, data: DataSettings, trainer: TrainerSettings) -> list[str]:
     """Problems no single section shows: sizes that must agree, and what this machine cannot run."""
     problems = list(precision_problems(trainer))
+    if trainer.precision == "bf16-true" and model.lora is None:
+        # Lightning's bf16-true casts the weights to bf16 and the optimizer updates them there: an
+        # update below bf16's resolution (~0.4% of a weight) is lost, so full fine-tuning stalls.
+        problems.append(
+            "trainer.precision: bf16-true updates bf16 weights with no fp32 master copy, so small updates "
+            "are lost in full fine-tuning; use bf16-mixed (or auto), or finetune=lora"
+        )
     if model.source == "scratch" and data.block_size > model.max_position:
         problems.append(
             f"data.block_size: {data.block_size} exceeds the model's model.max_position={model.max_position}"

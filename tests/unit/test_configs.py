@@ -132,3 +132,9 @@ def test_an_update_without_its_base_version_names_the_key(tmp_path):
 def test_check_val_every_n_epoch_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="trainer.check_val_every_n_epoch: must be >= 1"):
         load(to_container(compose([f"paths.root={tmp_path}", "trainer.check_val_every_n_epoch=0"])))
+
+
+def test_bf16_true_is_refused_for_full_fine_tuning(tmp_path):
+    # No fp32 master copy: updates below bf16's resolution would be lost.
+    with pytest.raises(ConfigError, match="trainer.precision: bf16-true .* use bf16-mixed"):
+        load(to_container(compose([f"paths.root={tmp_path}", "trainer.precision=bf16-true"])))
