@@ -32,6 +32,8 @@ class CausalLMModule(pl.LightningModule):
             from kbtune.modeling.lora import apply_lora
 
             self.model = apply_lora(self.model, self.spec.lora)
+        # (decoder, LM head) for the chunked loss, or None. In a tuple: as module attributes they would
+        # be registered a second time, under other names in state_dict.
         self._head = chunked_head(self.model)
         # trainer.compile: the training steps run a compiled decoder (same module, same weights);
         # validation keeps the eager one, so eval mode and no_grad cost no second compile.
@@ -145,5 +147,4 @@ def chunked_head(model: Any) -> tuple[Any, torch.nn.Linear] | None:
     head = base.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return None
-    # Not a registered submodule twice: a tuple attribute is invisible to state_dict and .to().
     return base.get_decoder(), head
