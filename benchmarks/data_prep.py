@@ -96,15 +96,26 @@ def array_bytes(prepared: Any) -> int:
     return int(sum(a.nbytes for a in arrays if a is not None))
 
 
+class ReadyTokenizer:
+    """The tokenizer factory of a model that brings its own tokenizer (model.source=local): it needs
+    no corpus, so a first preparation reads the KB once, tokenizing as it goes."""
+
+    needs_corpus = False
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: Any) -> Any:
+        return self.tokenizer
+
+
 def kbtune_prepare(kb: dict[str, str], tokenizer: Any, cache_dir: Path) -> tuple[dict[str, float], Any]:
-    """DataPreparation with a ready tokenizer (the factory returns it): preparation alone."""
+    """DataPreparation with a ready tokenizer, into an empty cache: preparation alone."""
     from kbtune.data.preparation import DataPreparation, DataSettings
     from kbtune.knowledge_base import KBSettings, KnowledgeBase
 
     knowledge_base = KnowledgeBase.connect(KBSettings(path=kb["path"], collection=kb["collection"]))
-    preparation = DataPreparation(
-        knowledge_base, DataSettings(block_size=BLOCK), lambda texts: tokenizer, cache_dir
-    )
+    preparation = DataPreparation(knowledge_base, DataSettings(block_size=BLOCK), ReadyTokenizer(tokenizer), cache_dir)
     t0 = time.perf_counter()
     prepared = preparation.prepare_dataset()
     seconds = time.perf_counter() - t0

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from kbtune.data.preparation import DataSettings, load_documents_for_split, pack, tokenize_documents
+from kbtune.data.preparation import DataSettings, load_documents_for_split
+from kbtune.data.tokens import pack, tokenize_documents
 from kbtune.knowledge.probes import ProbeSettings
 from kbtune.knowledge_base import KnowledgeBase
 from kbtune.model_manager import SPEC_FILE, ModelManager

@@ -312,10 +312,8 @@ class TrainingService:
             logger.warning("session %s: could not log the training plots", session_id, exc_info=True)
 
     def _log_data(self, session_id: str, prepared: PreparedData) -> None:
-        import json
-
         m = prepared.manifest
-        self.store.log_text(session_id, json.dumps(m, indent=1), "data/manifest.json")
+        self.store.log_text(session_id, prepared.manifest_text(), "data/manifest.json")
         self.store.set_tags(session_id, {"kbtune.collection": m["collection"], "kbtune.kb": m["kb"]})
         log_input = getattr(self.store, "log_input", None)
         if log_input is not None:

@@ -62,11 +62,15 @@ def val_ids(manifest: dict[str, Any]) -> list[str]:
     return [d["id"] for d in manifest["documents"] if d["split"] == "val"]
 
 
+def trained_val_ids(trained: dict[str, Any]) -> list[str]:
+    return [d["id"] for d in trained["outcome"].prepared.documents() if d["split"] == "val"]
+
+
 def test_test_set_is_the_manifests_val_documents(trained):
     service, outcome = trained["service"], trained["outcome"]
     session_id = outcome.session.id
     stored = json.loads(service.store.read_text(session_id, "data/manifest.json"))
-    assert stored == outcome.prepared.manifest
+    assert stored == {**outcome.prepared.manifest, "documents": outcome.prepared.documents()}
     evaluation = ModelEvaluation(service.kb, service.store, service.model_manager, service.cache_dir)
     docs, data, manifest = evaluation.load_test_set(session_id)
     assert manifest == stored
@@ -158,7 +162,7 @@ def evaluation_on(trained: dict[str, Any], kb: KnowledgeBase) -> ModelEvaluation
 def test_changed_val_document_is_refused_by_name(trained, tmp_path):
     kb = kb_copy(trained, tmp_path)
     manifest = trained["outcome"].prepared.manifest
-    target = val_ids(manifest)[0]
+    target = trained_val_ids(trained)[0]
     doc = kb.get([target])[0]
     edited = Document(doc.id, doc.text + "\n\nAn edit made after training.", doc.metadata)
     kb.upsert([edited], hash_embedder([edited.text]))
@@ -173,7 +177,7 @@ def test_changed_val_document_is_refused_by_name(trained, tmp_path):
 def test_whitespace_only_edit_still_matches(trained, tmp_path):
     """The manifest hashes the cleaned text, so reformatting whitespace is not a change."""
     kb = kb_copy(trained, tmp_path)
-    target = val_ids(trained["outcome"].prepared.manifest)[0]
+    target = trained_val_ids(trained)[0]
     doc = kb.get([target])[0]
     kb.upsert(
         [Document(doc.id, "  " + doc.text.replace("\n", "  \n") + "\n\n\n", doc.metadata)],
@@ -185,7 +189,7 @@ def test_whitespace_only_edit_still_matches(trained, tmp_path):
 
 def test_deleted_val_document_is_refused_by_name(trained, tmp_path):
     kb = kb_copy(trained, tmp_path)
-    target = val_ids(trained["outcome"].prepared.manifest)[-1]
+    target = trained_val_ids(trained)[-1]
     kb.delete([target])
     with pytest.raises(DataError, match="missing") as info:
         evaluation_on(trained, kb).load_test_set(trained["outcome"].session.id)
@@ -200,7 +204,7 @@ def test_added_documents_do_not_change_the_test_set(trained, tmp_path):
     ]
     kb.upsert(new, hash_embedder([d.text for d in new]))
     docs, _, _ = evaluation_on(trained, kb).load_test_set(trained["outcome"].session.id)
-    assert [d.id for d in docs] == val_ids(trained["outcome"].prepared.manifest)
+    assert [d.id for d in docs] == trained_val_ids(trained)
 
 
 def test_eval_settings_validation():

@@ -8,15 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from kbtune.data.preparation import (
-    DataError,
-    DataPreparation,
-    DataSettings,
-    clean_documents,
-    normalise_whitespace,
-    pack,
-    split_of,
-)
+from kbtune.data.cleaning import clean_documents, normalise_whitespace, split_of
+from kbtune.data.preparation import DataError, DataPreparation, DataSettings
+from kbtune.data.tokens import pack
 from kbtune.knowledge_base import Document, KBSettings, KnowledgeBase
 from kbtune.modeling.factory import ModelSpec, TokenizerProvider
 
@@ -76,7 +70,7 @@ def test_split_is_deterministic_disjoint_and_stable_when_documents_are_added():
 def test_prepared_splits_hold_whole_documents(tmp_path):
     kb = make_kb(tmp_path, [Document(f"d{i:03d}", text(i)) for i in range(60)])
     data = preparation(kb, tmp_path).prepare_dataset()
-    entries = data.manifest["documents"]
+    entries = data.documents()
     assert len(entries) == 60 and len({e["id"] for e in entries}) == 60
     val_ids = {e["id"] for e in entries if e["split"] == "val"}
     assert val_ids and val_ids == {f"d{i:03d}" for i in range(60) if split_of(f"d{i:03d}", 0, 0.2) == "val"}
@@ -122,7 +116,7 @@ def test_manifest_records_hashes_drops_and_token_counts(tmp_path):
     docs = [Document(f"d{i:03d}", text(i)) for i in range(40)] + [Document("dup", text(3)), Document("blank", "  ")]
     kb = make_kb(tmp_path, docs)
     data = preparation(kb, tmp_path).prepare_dataset()
-    m = json.loads(data.manifest_path.read_text())
+    m = json.loads(data.manifest_text())
     assert m["document_count"] == 40 and m["drops"] == {"duplicate": 1, "empty": 1}
     assert all(len(e["sha256"]) == 64 for e in m["documents"])
     assert m["splits"]["train"]["tokens"] > 0 and m["collection"] == "prep"
@@ -164,3 +158,97 @@ def test_empty_collection_names_the_collection(tmp_path):
     kb = make_kb(tmp_path, [Document("a", "   ")])
     with pytest.raises(DataError, match="kb.collection"):
         preparation(kb, tmp_path).prepare_dataset()
+
+
+# -- streamed preparation --------------------------------------------------------------------------
+class ReadyTokenizer:
+    """A factory whose tokenizer needs no corpus (as a local model's): the first preparation reads the
+    KB once, tokenizing as it goes."""
+
+    needs_corpus = False
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __call__(self, texts):
+        self.calls += 1
+        return self.tokenizer
+
+
+def mixed_docs() -> list[Document]:
+    docs = [Document(f"d{i:03d}", text(i), {"title": f"T{i}", "question": f"Q{i}?", "answer": text(i, 12)})
+            for i in range(50)]  # fmt: skip
+    return docs + [Document("dup", text(7)), Document("blank", " \n "), Document("messy", "a  b\r\n\n\n\nc  " + text(3))]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"template": "# {title}\n\n{text}"}, {"format": "qa"}, {"packing": "document"}],
+    ids=["text", "template", "qa", "document-packing"],
+)
+def test_streamed_preparation_gives_the_in_memory_blocks_and_records(tmp_path, settings):
+    kb = make_kb(tmp_path, mixed_docs())
+    streamed = preparation(kb, tmp_path, **settings).prepare_dataset()
+    held = preparation(kb, tmp_path / "other", **settings)
+    held.tokenizer_factory = lambda texts: streamed.tokenizer
+    in_memory = held._prepare_in_memory()
+    for name in ("train", "val", "train_labels", "val_labels"):
+        a, b = getattr(streamed, name), getattr(in_memory, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    assert streamed.documents() == in_memory.documents()
+    for field_ in ("drops", "splits", "document_count"):
+        assert streamed.manifest[field_] == in_memory.manifest[field_], field_
+
+
+def test_the_bpe_tokenizer_trained_on_the_stream_is_the_one_trained_on_the_texts(tmp_path):
+    from kbtune.modeling.factory import train_bpe_tokenizer
+
+    kb = make_kb(tmp_path, mixed_docs())
+    data = preparation(kb, tmp_path).prepare_dataset()
+    texts = [d.formatted for d in preparation(kb, tmp_path).collect()[0] if d.split == "train"]
+    direct = train_bpe_tokenizer(texts, 300, tmp_path / "direct")
+    assert data.tokenizer.get_vocab() == direct.get_vocab()
+
+
+def test_a_ready_tokenizer_prepares_in_one_pass_and_the_rerun_is_cached(tmp_path):
+    kb = make_kb(tmp_path, mixed_docs())
+    reference = preparation(kb, tmp_path / "ref").prepare_dataset()
+    factory = ReadyTokenizer(reference.tokenizer)
+    settings = DataSettings(block_size=32, val_fraction=0.2)
+    first = DataPreparation(kb, settings, factory, tmp_path / "cache").prepare_dataset()
+    again = DataPreparation(kb, settings, factory, tmp_path / "cache").prepare_dataset()
+    assert not first.cached and again.cached and factory.calls == 2
+    np.testing.assert_array_equal(first.train, reference.train)
+    assert again.manifest["cache_key"] == first.manifest["cache_key"]
+    assert again.manifest["drops"] == first.manifest["drops"] == {"duplicate": 1, "empty": 1}
+
+
+def test_the_rerun_notices_a_swap_that_keeps_the_count_and_an_edit(tmp_path):
+    kb = make_kb(tmp_path, [Document(f"d{i:03d}", text(i)) for i in range(40)])
+    first = preparation(kb, tmp_path).prepare_dataset()
+    assert preparation(kb, tmp_path).prepare_dataset().cached
+    # The same number of documents, one of them new: the ids read last time are no longer all there.
+    kb.delete(["d010"])
+    kb.upsert([Document("new-doc", text(77) + " fresh")], [[0.0, 1.0]])
+    swapped = preparation(kb, tmp_path).prepare_dataset()
+    ids = {e["id"] for e in swapped.documents()}
+    assert not swapped.cached and "new-doc" in ids and "d010" not in ids
+    # Same ids, one text edited.
+    kb.upsert([Document("d020", text(20) + " edited")], [[0.0, 1.0]])
+    edited = preparation(kb, tmp_path).prepare_dataset()
+    assert not edited.cached
+    assert len({first.manifest["cache_key"], swapped.manifest["cache_key"], edited.manifest["cache_key"]}) == 3
+    assert preparation(kb, tmp_path).prepare_dataset().manifest["cache_key"] == edited.manifest["cache_key"]
+
+
+def test_a_filtered_collection_is_listed_again_on_every_run(tmp_path):
+    docs = [Document(f"d{i:03d}", text(i), {"part": i % 2}) for i in range(60)]
+    kb = make_kb(tmp_path, docs)
+    filtered = kb.with_settings(where={"part": 0})
+    first = preparation(filtered, tmp_path).prepare_dataset()
+    assert {e["id"] for e in first.documents()} == {f"d{i:03d}" for i in range(0, 60, 2)}
+    kb.upsert([Document("d100", text(100), {"part": 0})], [[0.0, 1.0]])
+    grown = preparation(filtered, tmp_path).prepare_dataset()
+    assert not grown.cached and "d100" in {e["id"] for e in grown.documents()}

@@ -6,39 +6,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kbtune.data.dataset_cache import load_augmentation, load_prepared, write_prepared
-from kbtune.data.settings import DataError, DataSettings
-from kbtune.data.tokens import (
-    concatenate,
-    document_blocks,
-    pack,
-    tokenize_documents,
-    tokenizer_fingerprint,
-    tokenizer_parallelism,
+from kbtune.data.cleaning import CleanDoc, Cleaner, format_document, normalise_whitespace
+from kbtune.data.dataset_cache import (
+    DocumentRecords,
+    documents_text,
+    load_augmentation,
+    load_documents,
+    load_prepared,
+    write_prepared,
 )
+from kbtune.data.settings import DataError, DataSettings
+from kbtune.data.tokens import SplitBlocks, tokenizer_fingerprint, tokenizer_parallelism
 from kbtune.knowledge_base import KnowledgeBase
 
 logger = logging.getLogger(__name__)
 
 # Bump when the preparation's output for the same inputs changes, so old caches are not reused.
-PREPARATION_VERSION = 1
-_SPACES = re.compile(r"[ \t\f\v\u00a0]+")
-_BLANK_LINES = re.compile(r"\n{3,}")
-_FIELD = re.compile(r"{(\w+)}")
-# ASCII text containing none of these is already normalised: substring searches run in C, ~5x faster
-# than the per-line regex pass, and most exported documents take this path.
-_NOT_NORMAL_ASCII = ("\r", "\t", "\f", "\v", "\x1c", "\x1d", "\x1e", "\x1f", "  ", " \n", "\n ", "\n\n\n")
-
+PREPARATION_VERSION = 2  # 2: the per-document entries in documents.json; streamed preparation
 TokenizerFactory = Callable[[Sequence[str]], Any]
 
 
@@ -55,86 +48,27 @@ class PreparedData:
     # Training texts and question/answer pairs for per-epoch views (data.repack/sentence_shuffle/qa_pairs).
     augmentation: dict[str, Any] | None = None
 
-    @property
-    def manifest_path(self) -> Path:
-        return self.directory / "manifest.json"
+    def documents(self) -> list[dict[str, Any]]:
+        """The manifest's per-document entries (id, sha256 of the cleaned text, split[, role]), kept in
+        their own file: a million of them take ~400 MB as Python dicts, which nothing else needs."""
+        return load_documents(self.directory)
 
-
-@dataclass(slots=True)  # one per document: slots keep 100k of them ~30 MB smaller
-class CleanDoc:
-    id: str
-    text: str
-    metadata: dict[str, Any]
-    sha256: str
-    split: str = ""
-    formatted: str = ""
-    prompt: str = field(default="")
-    # An update session's training documents: delta, replay or carried (kbtune.updates.selection).
-    role: str = ""
-
-
-def normalise_whitespace(text: str) -> str:
-    """Collapse runs of spaces/tabs, strip line ends, keep paragraph breaks (at most one blank line)."""
-    clean_ends = not text[:1].isspace() and not text[-1:].isspace()
-    if clean_ends and text.isascii() and not any(s in text for s in _NOT_NORMAL_ASCII):
-        return text
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
-    return _BLANK_LINES.sub("\n\n", text).strip()
-
-
-def split_of(doc_id: str, split_seed: int, val_fraction: float) -> str:
-    """Deterministic per-document split: depends only on the id and seed, so adding documents to the
-    KB never moves an existing one across."""
-    digest = hashlib.sha256(f"{split_seed}:{doc_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    return "val" if u < val_fraction else "train"
-
-
-def clean_documents(docs: Any, drops: Counter) -> list[CleanDoc]:
-    """Drop None/empty/whitespace documents and exact duplicates (by content hash), counting each."""
-    seen: set[str] = set()
-    out: list[CleanDoc] = []
-    for doc in docs:
-        if doc.text is None:
-            drops["none"] += 1
-            continue
-        text = normalise_whitespace(doc.text)
-        if not text:
-            drops["empty"] += 1
-            continue
-        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        if digest in seen:
-            drops["duplicate"] += 1
-            continue
-        seen.add(digest)
-        out.append(CleanDoc(doc.id, text, doc.metadata, digest))
-    return out
-
-
-def format_document(s: DataSettings, doc: CleanDoc, drops: Counter) -> None:
-    """Fill doc.prompt/doc.formatted from the template (or count why it cannot be formatted)."""
-    if s.format == "text" and s.template == "{text}":
-        doc.prompt, doc.formatted = "", doc.text  # the default template: no copy of every text
-        return
-    fields = {**{k: v for k, v in doc.metadata.items() if v is not None}, "text": doc.text, "id": doc.id}
-    if s.format == "qa":
-        if not doc.metadata.get("question") or not doc.metadata.get("answer"):
-            drops["no_question_answer"] += 1
-            return
-        template, answer = s.qa_prompt, normalise_whitespace(str(doc.metadata["answer"]))
-    else:
-        template, answer = s.template, ""
-    missing = [name for name in _FIELD.findall(template) if name not in fields]
-    if missing:
-        drops[f"missing_field:{missing[0]}"] += 1
-        return
-    rendered = template.format_map(fields)
-    doc.prompt, doc.formatted = (rendered, answer) if s.format == "qa" else ("", rendered)
+    def manifest_text(self) -> str:
+        """The whole data manifest as JSON (what a session records as data/manifest.json): this
+        preparation's manifest with the per-document entries spliced in from their file."""
+        head = json.dumps({**self.manifest, "documents": None}, indent=1)
+        assert head.endswith('"documents": null\n}')
+        return head[: -len("null\n}")] + documents_text(self.directory) + "\n}"
 
 
 class DataPreparation:
-    """Prepares (or loads from cache) the train/val token blocks for one KB + settings + tokenizer."""
+    """Prepares (or loads from cache) the train/val token blocks for one KB + settings + tokenizer.
+
+    Plain preparations stream: the KB is read a page at a time, in id order, and each page cleaned,
+    tokenized and dropped, so memory holds the token arrays and a few bytes per document. The cache key
+    is a digest of the documents as stored (corpus.Survey), so a rerun reads and hashes every document
+    but cleans and tokenizes nothing. An update session (it selects from every training document) and
+    per-epoch views (they keep the training texts) hold the cleaned documents in memory."""
 
     def __init__(self, kb: KnowledgeBase, settings: DataSettings, tokenizer_factory: TokenizerFactory, cache_dir: Path,
                  update: Any = None):  # fmt: skip
@@ -142,6 +76,9 @@ class DataPreparation:
         # An UpdateBase: train on the change since that version plus a replay sample (experiment=update).
         self.update = update
         self.settings = settings
+        # Called with the training texts (a list, or a corpus.TrainingCorpus that streams them and
+        # carries their fingerprint); a factory with `needs_corpus = False` ignores them, which lets a
+        # first preparation tokenize in the same pass that reads the KB.
         self.tokenizer_factory = tokenizer_factory
         # paths.cache_dir: prepared datasets live under its datasets/ folder, keyed by content.
         self.cache_dir = Path(cache_dir)
@@ -149,78 +86,173 @@ class DataPreparation:
 
     def prepare_dataset(self) -> PreparedData:
         if self._result is None:
-            self._result = self._prepare()
+            streams = self.update is None and not self.settings.augmented
+            self._result = self._prepare_streamed() if streams else self._prepare_in_memory()
         return self._result
 
     # -- steps -------------------------------------------------------------------------------------
     def collect(self) -> tuple[list[CleanDoc], Counter]:
-        drops: Counter = Counter()
-        docs = clean_documents(self.kb.iter_documents(), drops)
-        for doc in docs:
-            format_document(self.settings, doc, drops)
-        kept = [d for d in docs if d.formatted]
-        for doc in kept:
-            doc.split = split_of(doc.id, self.settings.split_seed, self.settings.val_fraction)
+        cleaner = Cleaner(self.settings)
+        kept = [doc for page in self.kb.iter_pages() for doc in cleaner.clean(page)]
         # Packing order is by id, not by export order, so it does not depend on how Chroma pages.
         kept.sort(key=lambda d: d.id)
-        return kept, drops
+        return kept, cleaner.drops
 
-    def _prepare(self) -> PreparedData:
+    def _prepare_streamed(self) -> PreparedData:
+        from kbtune.data import corpus
+
+        s, t0 = self.settings, time.perf_counter()
+        index = corpus.SourceIndex(self.cache_dir, self.kb, s)
+        candidate = index.candidate_ids()
+        found = corpus.survey(self.kb, s, candidate) if candidate is not None else None
+        if found is None and (candidate is not None or getattr(self.tokenizer_factory, "needs_corpus", True)):
+            # A tokenizer trained on the corpus, or a collection prepared before: its digest first,
+            # which may find the cache, before anything is tokenized.
+            found = corpus.survey(self.kb, s)
+        if found is not None and not found.usable:
+            self._check_split_documents(0, 0, Counter())  # before a tokenizer is trained on nothing
+        tokenizer = self._tokenizer(corpus.TrainingCorpus(self.kb, s, found) if found else [])
+        if found is not None:
+            hit = self._load_cached(self._streamed_key(found.digest, tokenizer), tokenizer, t0)
+            if hit is not None:
+                index.remember(hit.manifest["cache_key"], len(found.ids))
+                return hit
+        ids = found.ids if found is not None else self.kb.list_ids()
+        arrays, counts, records, digest, drops = self._stream_blocks(ids, tokenizer)
+        self._check_splits(counts, drops)
+        key = self._streamed_key(digest, tokenizer)
+        hit = self._load_cached(key, tokenizer, t0)  # the same documents under another collection's name
+        if hit is None:
+            manifest = self._manifest(key, tokenizer, drops, counts, len(records), None)
+            write_prepared(self.cache_dir / "datasets" / key, arrays, manifest, records, ids=ids)
+            hit = self._prepared(arrays, tokenizer, manifest, key, None, t0, counts)
+        index.remember(key, len(ids))
+        return hit
+
+    def _stream_blocks(self, ids: list[str], tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any], DocumentRecords, str, Counter]:
+        """One pass: every page read, digested, cleaned, formatted, split, tokenized and dropped."""
+        from kbtune.data import corpus
+
         s = self.settings
+        digest = corpus.CorpusDigest(corpus.reads_metadata(s))
+        cleaner, records = Cleaner(s), DocumentRecords()
+        splits = {name: SplitBlocks(name, s, tokenizer) for name in ("train", "val")}
+        with tokenizer_parallelism():
+            for page in self.kb.iter_pages(ids=ids, metadata=digest.with_metadata):
+                digests = [corpus.text_digest(doc.text) for doc in page]
+                for doc, d in zip(page, digests, strict=True):
+                    digest.add(doc, d)
+                kept = cleaner.clean(page, digests)
+                for doc in kept:
+                    records.add(doc)
+                for name, blocks in splits.items():
+                    blocks.add([d for d in kept if d.split == name])
+        arrays, counts = self._finish(splits)
+        return arrays, counts, records, digest.hexdigest(), cleaner.drops
+
+    def _prepare_in_memory(self) -> PreparedData:
         t0 = time.perf_counter()
         docs, drops = self.collect()
-        if drops:
-            logger.info("cleaning dropped %d documents: %s", sum(drops.values()), dict(sorted(drops.items())))
-        if not docs:
+        train_docs = [d for d in docs if d.split == "train"]
+        val_docs = [d for d in docs if d.split == "val"]
+        self._check_split_documents(len(train_docs), len(val_docs), drops)
+        from kbtune.updates.selection import select_training
+
+        train_docs, update = select_training(train_docs, self.update, {d.id for d in docs})
+        tokenizer = self._tokenizer([d.prompt + d.formatted for d in train_docs])
+        key = self._cache_key(docs, tokenizer)
+        hit = self._load_cached(key, tokenizer, t0, drops)
+        if hit is not None:
+            return hit
+        augmentation = self._augmentation(train_docs)
+        splits = {"train": SplitBlocks("train", self.settings, tokenizer), "val": SplitBlocks("val", self.settings, tokenizer)}
+        with tokenizer_parallelism():
+            splits["train"].add(train_docs)
+            splits["val"].add(val_docs)
+        arrays, counts = self._finish(splits)
+        self._check_splits(counts, drops)
+        manifest = self._manifest(key, tokenizer, drops, counts, len(docs), update)
+        if augmentation:
+            manifest["augmentation"] = {"qa_pairs": len(augmentation["qa"])}
+        records = DocumentRecords()
+        for d in docs:
+            records.add(d)
+        write_prepared(self.cache_dir / "datasets" / key, arrays, manifest, records, augmentation)
+        return self._prepared(arrays, tokenizer, manifest, key, augmentation, t0, counts)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _tokenizer(self, texts: Any) -> Any:
+        with tokenizer_parallelism():
+            tokenizer = self.tokenizer_factory(texts)
+        if tokenizer.eos_token_id is None:
+            raise DataError("model: the tokenizer has no EOS token, which packing needs between documents")
+        return tokenizer
+
+    def _finish(self, splits: dict[str, SplitBlocks]) -> tuple[dict[str, Any], dict[str, Any]]:
+        arrays: dict[str, Any] = {}
+        counts: dict[str, Any] = {}
+        for name, blocks in splits.items():
+            arrays[name], arrays[f"{name}_labels"], counts[name] = blocks.finish()
+        return arrays, counts
+
+    def _check_split_documents(self, train: int, val: int, drops: Counter) -> None:
+        if not train + val:
             raise DataError(
                 f"kb.collection: {self.kb.settings.describe()} has no usable documents after cleaning "
                 f"(dropped: {dict(drops) or 'none'}); add documents or change kb.where"
             )
-        train_docs = [d for d in docs if d.split == "train"]
-        val_docs = [d for d in docs if d.split == "val"]
-        if not train_docs or not val_docs:
+        if not train or not val:
             raise DataError(
-                f"data.val_fraction: {len(docs)} documents gave {len(train_docs)} train and {len(val_docs)} "
+                f"data.val_fraction: {train + val} documents gave {train} train and {val} "
                 f"validation documents; each split needs at least one (change data.val_fraction or add documents)"
             )
-        from kbtune.updates.selection import select_training
 
-        train_docs, update = select_training(train_docs, self.update, {d.id for d in docs})
-        with tokenizer_parallelism():
-            tokenizer = self.tokenizer_factory([d.prompt + d.formatted for d in train_docs])
-        if tokenizer.eos_token_id is None:
-            raise DataError("model: the tokenizer has no EOS token, which packing needs between documents")
-        key = self._cache_key(docs, tokenizer)
+    def _check_splits(self, counts: dict[str, Any], drops: Counter) -> None:
+        s = self.settings
+        self._check_split_documents(counts["train"]["documents"], counts["val"]["documents"], drops)
+        for split in ("train", "val"):
+            if counts[split]["blocks"] == 0:
+                raise DataError(
+                    f"data.block_size: the {split} split has {counts[split]['tokens']} tokens, fewer than one "
+                    f"block of {s.block_size}; lower data.block_size or add documents to {self.kb.settings.describe()}"
+                )
+
+    def _load_cached(self, key: str, tokenizer: Any, t0: float, drops: Counter | None = None) -> PreparedData | None:
         directory = self.cache_dir / "datasets" / key
-        if (directory / "manifest.json").exists():
-            out, cached = load_prepared(directory)
-            manifest = {**cached, **self._source(drops)}  # the cache may be another collection's
-            prepared = PreparedData(out["train"], out["val"], out["train_labels"], out["val_labels"], tokenizer,
-                                    manifest, directory, cached=True, augmentation=load_augmentation(directory))  # fmt: skip
-            logger.info("prepared data loaded from cache %s in %.2fs", directory, time.perf_counter() - t0)
-            return prepared
+        if not (directory / "manifest.json").exists():
+            return None
+        out, cached = load_prepared(directory)
+        # The cache may be another collection's; drops are the cached run's when this one cleaned nothing.
+        source = self._source(drops if drops is not None else Counter(cached.get("drops", {})))
+        prepared = PreparedData(out["train"], out["val"], out["train_labels"], out["val_labels"], tokenizer,
+                                {**cached, **source}, directory, cached=True,
+                                augmentation=load_augmentation(directory))  # fmt: skip
+        logger.info("prepared data loaded from cache %s in %.2fs", directory, time.perf_counter() - t0)
+        return prepared
 
-        augmentation = self._augmentation(train_docs)
-        arrays, counts = self._blocks(train_docs, val_docs, tokenizer)
-        manifest = {
+    def _manifest(self, key: str, tokenizer: Any, drops: Counter, counts: dict[str, Any], documents: int,
+                  update: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+        """The data manifest, less its per-document entries (written beside it: see write_prepared)."""
+        return {
             "kbtune_preparation_version": PREPARATION_VERSION,
             "cache_key": key,
             **self._source(drops),
-            "settings": s.fingerprint_fields(),
+            "settings": self.settings.fingerprint_fields(),
             "tokenizer": tokenizer_fingerprint(tokenizer),
-            "document_count": len(docs),
+            "document_count": documents,
             "splits": counts,
-            "augmentation": {"qa_pairs": len(augmentation["qa"])} if augmentation else None,
+            "augmentation": None,
             "update": update,
-            "documents": [{"id": d.id, "sha256": d.sha256, "split": d.split, **({"role": d.role} if d.role else {})}
-                          for d in docs],  # fmt: skip
         }
-        write_prepared(directory, arrays, manifest, augmentation)
+
+    def _prepared(self, arrays: dict[str, Any], tokenizer: Any, manifest: dict[str, Any], key: str,
+                  augmentation: dict[str, Any] | None, t0: float, counts: dict[str, Any]) -> PreparedData:  # fmt: skip
+        directory = self.cache_dir / "datasets" / key
         logger.info(
             "prepared %d train / %d val documents -> %d / %d blocks of %d tokens in %.2fs (cache %s)",
-            len(train_docs), len(val_docs), counts["train"]["blocks"], counts["val"]["blocks"],
-            s.block_size, time.perf_counter() - t0, directory,
-        )
+            counts["train"]["documents"], counts["val"]["documents"], counts["train"]["blocks"],
+            counts["val"]["blocks"], self.settings.block_size, time.perf_counter() - t0, directory,
+        )  # fmt: skip
         return PreparedData(
             arrays["train"], arrays["val"], arrays["train_labels"], arrays["val_labels"],
             tokenizer, manifest, directory, cached=False, augmentation=augmentation,
@@ -244,80 +276,23 @@ class DataPreparation:
         qa = qa_pairs(train_docs, s.qa_pairs, s.split_seed, s.qa_prompt) if s.qa_pairs else []
         return {"texts": [d.formatted for d in train_docs], "qa": qa}
 
-    def _blocks(self, train_docs: list[CleanDoc], val_docs: list[CleanDoc], tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Each split tokenized and packed into whole blocks (the tail shorter than a block is dropped)."""
-        s = self.settings
-        arrays: dict[str, np.ndarray | None] = {}
-        counts: dict[str, Any] = {}
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            if s.packing == "document":
-                arrays[split], arrays[f"{split}_labels"], counts[split] = self._document_split(split_docs, tokenizer)
-                continue
-            stream, label_stream = self._token_stream(split_docs, tokenizer)
-            n_blocks = len(stream) // s.block_size
-            arrays[split] = stream[: n_blocks * s.block_size].reshape(n_blocks, s.block_size)
-            arrays[f"{split}_labels"] = (
-                label_stream[: n_blocks * s.block_size].reshape(n_blocks, s.block_size) if label_stream is not None else None
-            )
-            counts[split] = {
-                "documents": len(split_docs),
-                "tokens": len(stream),
-                "blocks": n_blocks,
-                "tail_tokens_dropped": len(stream) - n_blocks * s.block_size,
-            }
-        for split in ("train", "val"):
-            if counts[split]["blocks"] == 0:
-                raise DataError(
-                    f"data.block_size: the {split} split has {counts[split]['tokens']} tokens, fewer than one "
-                    f"block of {s.block_size}; lower data.block_size or add documents to {self.kb.settings.describe()}"
-                )
-        return arrays, counts
-
-    def _document_split(self, docs: list[CleanDoc], tokenizer: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """One split as document-aligned blocks (data.packing=document), tokenized a chunk at a time."""
-        s = self.settings
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        blocks, labels, padding, tokens = [], [], 0, 0
-        for start in range(0, len(docs), s.tokenize_batch):
-            part = docs[start : start + s.tokenize_batch]
-            with tokenizer_parallelism():
-                ids, part_labels = tokenize_documents(part, tokenizer, s)
-            b, lab, pad_count = document_blocks(ids, part_labels or None, tokenizer.eos_token_id, pad, s.block_size)
-            blocks.append(b)
-            labels.append(lab)
-            padding, tokens = padding + pad_count, tokens + sum(len(x) + 2 for x in ids)
-            for d in part:
-                d.text = d.formatted = d.prompt = ""
-        arrays = np.concatenate(blocks), np.concatenate(labels)
-        counts = {"documents": len(docs), "tokens": tokens, "blocks": len(arrays[0]), "tail_tokens_dropped": 0,
-                  "padding_tokens": padding}  # fmt: skip
-        return arrays[0], arrays[1], counts
-
-    def _token_stream(self, docs: list[CleanDoc], tokenizer: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        """A split's tokens laid out as pack() lays them (EOS after each document) in one int32 array,
-        and its labels for `qa`. Tokenized a chunk at a time, each text dropped once tokenized: a large
-        KB's peak memory holds its texts or its tokens, not both (as lists of Python ints, the tokens
-        alone took ~9x the memory)."""
-        eos = tokenizer.eos_token_id
-        chunks: list[np.ndarray] = []
-        label_chunks: list[np.ndarray] = []
-        step = self.settings.tokenize_batch
-        for start in range(0, len(docs), step):
-            part = docs[start : start + step]
-            with tokenizer_parallelism():
-                ids, labels = tokenize_documents(part, tokenizer, self.settings)
-            chunks.append(pack(ids, eos, 1)[0].reshape(-1))
-            if labels:
-                label_chunks.append(pack(labels, eos, 1)[0].reshape(-1))
-            for d in part:
-                d.text = d.formatted = d.prompt = ""
-        return concatenate(chunks), (concatenate(label_chunks) if label_chunks else None)
-
-    def _cache_key(self, docs: list[CleanDoc], tokenizer: Any) -> str:
+    def _key_prefix(self, tokenizer: Any, *parts: Any) -> Any:
         h = hashlib.sha256()
-        h.update(json.dumps([PREPARATION_VERSION, self.settings.fingerprint_fields(), tokenizer_fingerprint(tokenizer)]).encode())
+        h.update(json.dumps([PREPARATION_VERSION, *parts, self.settings.fingerprint_fields(),
+                             tokenizer_fingerprint(tokenizer)]).encode())  # fmt: skip
         if self.settings.chat_template:
             h.update(str(tokenizer.chat_template).encode())
+        return h
+
+    def _streamed_key(self, corpus_digest: str, tokenizer: Any) -> str:
+        """Over the documents as stored (corpus.CorpusDigest): what the streamed pass produces from
+        them is a function of those, the settings and the tokenizer."""
+        h = self._key_prefix(tokenizer, "streamed")
+        h.update(corpus_digest.encode())
+        return h.hexdigest()[:24]
+
+    def _cache_key(self, docs: list[CleanDoc], tokenizer: Any) -> str:
+        h = self._key_prefix(tokenizer)
         for d in docs:
             # The formatted text covers template fields drawn from metadata, not only the body.
             h.update(f"{d.id}\0{d.split}\0{d.sha256}\0{d.role}\0".encode() if d.role else f"{d.id}\0{d.split}\0{d.sha256}\0".encode())

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from kbtune.data.preparation import CleanDoc, DataSettings
+    from kbtune.data.cleaning import CleanDoc
+    from kbtune.data.settings import DataSettings
 
 
 def pack(sequences: Sequence[Sequence[int]], eos_id: int, block_size: int) -> tuple[np.ndarray, int]:
@@ -131,3 +132,55 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         {"eos": tokenizer.eos_token_id, "cls": type(tokenizer).__name__}, sort_keys=True
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class SplitBlocks:
+    """One split's token blocks, built from its documents added a part at a time, in order: each part
+    is tokenized and its texts dropped, so a large KB's peak memory holds its tokens (as int32 arrays),
+    not its texts too (as lists of Python ints, the tokens alone took ~9x the memory)."""
+
+    def __init__(self, split: str, settings: DataSettings, tokenizer: Any):
+        self.split, self.settings, self.tokenizer = split, settings, tokenizer
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.chunks: list[np.ndarray] = []
+        self.label_chunks: list[np.ndarray] = []
+        self.documents = self.tokens = self.padding = 0
+
+    def add(self, docs: list[CleanDoc]) -> None:
+        s, eos = self.settings, self.tokenizer.eos_token_id
+        for start in range(0, len(docs), s.tokenize_batch):
+            part = docs[start : start + s.tokenize_batch]
+            ids, labels = tokenize_documents(part, self.tokenizer, s)
+            if s.packing == "document":
+                blocks, label_blocks, padding = document_blocks(ids, labels or None, eos, self.pad, s.block_size)
+                self.chunks.append(blocks)
+                self.label_chunks.append(label_blocks)
+                self.padding += padding
+                self.tokens += sum(len(x) + 2 for x in ids)
+            else:
+                self.chunks.append(pack(ids, eos, 1)[0].reshape(-1))
+                self.tokens += len(self.chunks[-1])
+                if labels:
+                    self.label_chunks.append(pack(labels, eos, 1)[0].reshape(-1))
+            for d in part:
+                d.text = d.formatted = d.prompt = ""
+            self.documents += len(part)
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+        """(blocks, labels or None, counts). Packed: the tail shorter than a block is dropped."""
+        s = self.settings
+        if s.packing == "document":
+            width = (0, s.block_size)
+            blocks = np.concatenate(self.chunks) if self.chunks else np.empty(width, np.int32)
+            labels = np.concatenate(self.label_chunks) if self.label_chunks else np.empty(width, np.int64)
+            counts = {"documents": self.documents, "tokens": self.tokens, "blocks": len(blocks),
+                      "tail_tokens_dropped": 0, "padding_tokens": self.padding}  # fmt: skip
+            return blocks, labels, counts
+        stream = concatenate(self.chunks)
+        label_stream = concatenate(self.label_chunks) if self.label_chunks else None
+        n_blocks = len(stream) // s.block_size
+        blocks = stream[: n_blocks * s.block_size].reshape(n_blocks, s.block_size)
+        labels = label_stream[: n_blocks * s.block_size].reshape(n_blocks, s.block_size) if label_stream is not None else None
+        counts = {"documents": self.documents, "tokens": len(stream), "blocks": n_blocks,
+                  "tail_tokens_dropped": len(stream) - n_blocks * s.block_size}  # fmt: skip
+        return blocks, labels, counts

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sized
 from dataclasses import asdict, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -165,13 +165,18 @@ def local_context_length(path: str) -> int | None:
     return None
 
 
-def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) -> Any:
-    """Byte-level BPE trained on `texts`, cached by a fingerprint of the texts and the vocab size."""
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: Path, fingerprint: str | None = None) -> Any:
+    """Byte-level BPE trained on `texts`, cached by `fingerprint` (default: a digest of the texts, which
+    must then be a sequence) and the vocab size. A streamed corpus (corpus.TrainingCorpus) brings its
+    fingerprint, so a cached tokenizer is found without reading its texts."""
     from transformers import PreTrainedTokenizerFast
 
-    h = hashlib.sha256(f"bpe-v1:{vocab_size}".encode())
-    for t in texts:
-        h.update(hashlib.sha256(t.encode()).digest())
+    if fingerprint is None:
+        digests = hashlib.sha256()
+        for t in texts:
+            digests.update(hashlib.sha256(t.encode()).digest())
+        fingerprint = digests.hexdigest()
+    h = hashlib.sha256(f"bpe-v2:{vocab_size}:{fingerprint}".encode())
     directory = cache_dir / "tokenizers" / h.hexdigest()[:20]
     if (directory / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(directory))
@@ -187,14 +192,14 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Path) 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts) if isinstance(texts, Sized) else None)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[1])
     tmp = directory.with_name(directory.name + ".tmp")
     wrapped.save_pretrained(str(tmp))
     directory.parent.mkdir(parents=True, exist_ok=True)
     if not directory.exists():
         tmp.rename(directory)
-    logger.info("trained a %d-token BPE tokenizer on %d documents -> %s", len(wrapped), len(texts), directory)
+    logger.info("trained a %d-token BPE tokenizer -> %s", len(wrapped), directory)
     return PreTrainedTokenizerFast.from_pretrained(str(directory))
 
 
@@ -220,11 +225,17 @@ class TokenizerProvider:
         self.cache_dir = Path(cache_dir)
         self.tokenizer: Any = None
 
-    def __call__(self, train_texts: Sequence[str]) -> Any:
+    @property
+    def needs_corpus(self) -> bool:
+        """A local model brings its tokenizer; kbtune's own is trained on the training texts."""
+        return self.spec.source != "local"
+
+    def __call__(self, train_texts: Iterable[str]) -> Any:
         if self.spec.source == "local":
             self.tokenizer = load_local_tokenizer(str(self.spec.path), self.spec.trust_remote_code)
         else:
-            self.tokenizer = train_bpe_tokenizer(train_texts, self.spec.vocab_size, self.cache_dir)
+            self.tokenizer = train_bpe_tokenizer(train_texts, self.spec.vocab_size, self.cache_dir,
+                                                 getattr(train_texts, "fingerprint", None))
         return self.tokenizer
 
     def resolved_spec(self) -> ModelSpec:

@@ -35,7 +35,7 @@ def _current_hashes(kb: Any) -> dict[str, str]:
     """id -> sha256 of the cleaned text, as the data manifests record it."""
     from collections import Counter
 
-    from kbtune.data.preparation import clean_documents
+    from kbtune.data.cleaning import clean_documents
 
     return {d.id: d.sha256 for d in clean_documents(kb.iter_documents(), Counter())}
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kbtune.data.preparation import CleanDoc, DataPreparation
+from kbtune.data.cleaning import CleanDoc
+from kbtune.data.preparation import DataPreparation
 from kbtune.data.settings import DataSettings
 
 
