@@ -252,3 +252,21 @@ def test_a_filtered_collection_is_listed_again_on_every_run(tmp_path):
     kb.upsert([Document("d100", text(100), {"part": 0})], [[0.0, 1.0]])
     grown = preparation(filtered, tmp_path).prepare_dataset()
     assert not grown.cached and "d100" in {e["id"] for e in grown.documents()}
+
+
+def test_the_corpus_digest_ignores_page_ends_but_not_where_one_document_ends():
+    from kbtune.data.corpus import CorpusDigest
+
+    def digest(*pages, metadata=False):
+        d = CorpusDigest(metadata)
+        for ids, texts, *metas in pages:
+            d.add_page(ids, texts, metas[0] if metas else None)
+        return d.hexdigest()
+
+    whole = digest((["a", "b", "c"], ["x", "yy", None]))
+    assert digest((["a"], ["x"]), (["b", "c"], ["yy", None])) == whole
+    assert digest((["a", "b", "c"], ["xy", "y", None])) != whole  # the same characters, cut elsewhere
+    assert digest((["a", "bc", ""], ["x", "yy", None])) != whole
+    assert digest((["a", "b", "c"], ["x", "yy", ""])) != whole  # no text is not empty text
+    with_meta = digest((["a"], ["x"], [{"k": 1}]), metadata=True)
+    assert with_meta != digest((["a"], ["x"], [{"k": 2}]), metadata=True)

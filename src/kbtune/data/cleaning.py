@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,11 +59,10 @@ class Cleaner:
         self.drops: Counter = drops if drops is not None else Counter()
         self._seen: set[bytes] = set()
 
-    def clean_only(self, docs: Any, digests: Sequence[bytes] | None = None) -> list[CleanDoc]:
-        """Drop None/empty/whitespace documents and exact duplicates (by content hash), counting each.
-        `digests`: the sha256 of each document's stored text, reused where cleaning changed nothing."""
+    def clean_only(self, docs: Any) -> list[CleanDoc]:
+        """Drop None/empty/whitespace documents and exact duplicates (by content hash), counting each."""
         out: list[CleanDoc] = []
-        for i, doc in enumerate(docs):
+        for doc in docs:
             if doc.text is None:
                 self.drops["none"] += 1
                 continue
@@ -72,7 +70,7 @@ class Cleaner:
             if not text:
                 self.drops["empty"] += 1
                 continue
-            digest = digests[i] if digests is not None and text is doc.text else hashlib.sha256(text.encode("utf-8")).digest()
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
             if digest in self._seen:
                 self.drops["duplicate"] += 1
                 continue
@@ -80,12 +78,12 @@ class Cleaner:
             out.append(CleanDoc(doc.id, text, doc.metadata, digest.hex()))
         return out
 
-    def clean(self, docs: Any, digests: Sequence[bytes] | None = None) -> list[CleanDoc]:
+    def clean(self, docs: Any) -> list[CleanDoc]:
         """clean_only, then formatted and given their split; those that cannot be formatted are dropped."""
         s = self.settings
         assert s is not None, "formatting needs the data settings"
         kept = []
-        for doc in self.clean_only(docs, digests):
+        for doc in self.clean_only(docs):
             format_document(s, doc, self.drops)
             if doc.formatted:
                 doc.split = split_of(doc.id, s.split_seed, s.val_fraction)

@@ -3,12 +3,13 @@ tokenize, pack into blocks, and cache the result (Arrow) under a key derived fro
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,15 @@ import numpy as np
 from kbtune.data.cleaning import CleanDoc, Cleaner, format_document, normalise_whitespace
 from kbtune.data.dataset_cache import (
     DocumentRecords,
+    PendingEntry,
     documents_text,
     load_augmentation,
     load_documents,
     load_prepared,
-    write_prepared,
 )
 from kbtune.data.settings import DataError, DataSettings
 from kbtune.data.tokens import SplitBlocks, tokenizer_fingerprint, tokenizer_parallelism
-from kbtune.knowledge_base import KnowledgeBase
+from kbtune.knowledge_base import Document, KnowledgeBase
 
 logger = logging.getLogger(__name__)
 
@@ -118,37 +119,36 @@ class DataPreparation:
                 index.remember(hit.manifest["cache_key"], len(found.ids))
                 return hit
         ids = found.ids if found is not None else self.kb.list_ids()
-        arrays, counts, records, digest, drops = self._stream_blocks(ids, tokenizer)
-        self._check_splits(counts, drops)
-        key = self._streamed_key(digest, tokenizer)
-        hit = self._load_cached(key, tokenizer, t0)  # the same documents under another collection's name
-        if hit is None:
-            manifest = self._manifest(key, tokenizer, drops, counts, len(records), None)
-            write_prepared(self.cache_dir / "datasets" / key, arrays, manifest, records, ids=ids)
-            hit = self._prepared(arrays, tokenizer, manifest, key, None, t0, counts)
+        with self._pending() as entry:
+            counts, records, digest, drops = self._stream_blocks(ids, tokenizer, entry)
+            self._check_splits(counts, drops)
+            key = self._streamed_key(digest, tokenizer)
+            hit = self._load_cached(key, tokenizer, t0)  # the same documents under another collection's name
+            if hit is None:
+                manifest = self._manifest(key, tokenizer, drops, counts, len(records), None)
+                entry.commit(key, manifest, records, ids=ids)
+                hit = self._prepared(tokenizer, key, t0)
         index.remember(key, len(ids))
         return hit
 
-    def _stream_blocks(self, ids: list[str], tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any], DocumentRecords, str, Counter]:
+    def _stream_blocks(self, ids: list[str], tokenizer: Any, entry: PendingEntry) -> tuple[dict[str, Any], DocumentRecords, str, Counter]:
         """One pass: every page read, digested, cleaned, formatted, split, tokenized and dropped."""
         from kbtune.data import corpus
 
         s = self.settings
         digest = corpus.CorpusDigest(corpus.reads_metadata(s))
         cleaner, records = Cleaner(s), DocumentRecords()
-        splits = {name: SplitBlocks(name, s, tokenizer) for name in ("train", "val")}
+        splits = {name: SplitBlocks(name, s, tokenizer, entry) for name in ("train", "val")}
         with tokenizer_parallelism():
-            for page in self.kb.iter_pages(ids=ids, metadata=digest.with_metadata):
-                digests = [corpus.text_digest(doc.text) for doc in page]
-                for doc, d in zip(page, digests, strict=True):
-                    digest.add(doc, d)
-                kept = cleaner.clean(page, digests)
+            for page_ids, texts, metas in self.kb.iter_raw(ids, metadata=digest.with_metadata):
+                digest.add_page(page_ids, texts, metas)
+                page = [Document(i, t, metas[k] or {} if metas else {}) for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))]
+                kept = cleaner.clean(page)
                 for doc in kept:
                     records.add(doc)
                 for name, blocks in splits.items():
                     blocks.add([d for d in kept if d.split == name])
-        arrays, counts = self._finish(splits)
-        return arrays, counts, records, digest.hexdigest(), cleaner.drops
+        return self._finish(splits), records, digest.hexdigest(), cleaner.drops
 
     def _prepare_in_memory(self) -> PreparedData:
         t0 = time.perf_counter()
@@ -165,20 +165,21 @@ class DataPreparation:
         if hit is not None:
             return hit
         augmentation = self._augmentation(train_docs)
-        splits = {"train": SplitBlocks("train", self.settings, tokenizer), "val": SplitBlocks("val", self.settings, tokenizer)}
-        with tokenizer_parallelism():
-            splits["train"].add(train_docs)
-            splits["val"].add(val_docs)
-        arrays, counts = self._finish(splits)
-        self._check_splits(counts, drops)
-        manifest = self._manifest(key, tokenizer, drops, counts, len(docs), update)
-        if augmentation:
-            manifest["augmentation"] = {"qa_pairs": len(augmentation["qa"])}
-        records = DocumentRecords()
-        for d in docs:
-            records.add(d)
-        write_prepared(self.cache_dir / "datasets" / key, arrays, manifest, records, augmentation)
-        return self._prepared(arrays, tokenizer, manifest, key, augmentation, t0, counts)
+        with self._pending() as entry:
+            splits = {name: SplitBlocks(name, self.settings, tokenizer, entry) for name in ("train", "val")}
+            with tokenizer_parallelism():
+                splits["train"].add(train_docs)
+                splits["val"].add(val_docs)
+            counts = self._finish(splits)
+            self._check_splits(counts, drops)
+            manifest = self._manifest(key, tokenizer, drops, counts, len(docs), update)
+            if augmentation:
+                manifest["augmentation"] = {"qa_pairs": len(augmentation["qa"])}
+            records = DocumentRecords()
+            for d in docs:
+                records.add(d)
+            entry.commit(key, manifest, records, augmentation)
+        return self._prepared(tokenizer, key, t0)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _tokenizer(self, texts: Any) -> Any:
@@ -188,12 +189,18 @@ class DataPreparation:
             raise DataError("model: the tokenizer has no EOS token, which packing needs between documents")
         return tokenizer
 
-    def _finish(self, splits: dict[str, SplitBlocks]) -> tuple[dict[str, Any], dict[str, Any]]:
-        arrays: dict[str, Any] = {}
-        counts: dict[str, Any] = {}
-        for name, blocks in splits.items():
-            arrays[name], arrays[f"{name}_labels"], counts[name] = blocks.finish()
-        return arrays, counts
+    @contextlib.contextmanager
+    def _pending(self) -> Iterator[PendingEntry]:
+        """A cache entry to write into; removed unless committed (a refused preparation leaves nothing)."""
+        entry = PendingEntry(self.cache_dir)
+        try:
+            yield entry
+        finally:
+            entry.discard()  # after a commit, only what another process's same entry made redundant
+
+    def _finish(self, splits: dict[str, SplitBlocks]) -> dict[str, Any]:
+        """Each split's counts; its files complete."""
+        return {name: blocks.finish()[2] for name, blocks in splits.items()}
 
     def _check_split_documents(self, train: int, val: int, drops: Counter) -> None:
         if not train + val:
@@ -232,7 +239,7 @@ class DataPreparation:
 
     def _manifest(self, key: str, tokenizer: Any, drops: Counter, counts: dict[str, Any], documents: int,
                   update: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
-        """The data manifest, less its per-document entries (written beside it: see write_prepared)."""
+        """The data manifest, less its per-document entries (written beside it: see PendingEntry.commit)."""
         return {
             "kbtune_preparation_version": PREPARATION_VERSION,
             "cache_key": key,
@@ -245,18 +252,19 @@ class DataPreparation:
             "update": update,
         }
 
-    def _prepared(self, arrays: dict[str, Any], tokenizer: Any, manifest: dict[str, Any], key: str,
-                  augmentation: dict[str, Any] | None, t0: float, counts: dict[str, Any]) -> PreparedData:  # fmt: skip
+    def _prepared(self, tokenizer: Any, key: str, t0: float) -> PreparedData:
+        """The entry just written, as a cached one loads (its arrays memory-mapped)."""
         directory = self.cache_dir / "datasets" / key
+        arrays, manifest = load_prepared(directory)
+        counts = manifest["splits"]
         logger.info(
             "prepared %d train / %d val documents -> %d / %d blocks of %d tokens in %.2fs (cache %s)",
             counts["train"]["documents"], counts["val"]["documents"], counts["train"]["blocks"],
             counts["val"]["blocks"], self.settings.block_size, time.perf_counter() - t0, directory,
         )  # fmt: skip
-        return PreparedData(
-            arrays["train"], arrays["val"], arrays["train_labels"], arrays["val_labels"],
-            tokenizer, manifest, directory, cached=False, augmentation=augmentation,
-        )  # fmt: skip
+        return PreparedData(arrays["train"], arrays["val"], arrays["train_labels"], arrays["val_labels"], tokenizer,
+                            {**manifest, **self._source(Counter(manifest["drops"]))}, directory, cached=False,
+                            augmentation=load_augmentation(directory))  # fmt: skip
 
     def _source(self, drops: Counter) -> dict[str, Any]:
         """Where the documents came from and what cleaning dropped. The cache is keyed by content, so

@@ -14,6 +14,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from kbtune.data.cleaning import CleanDoc
+    from kbtune.data.dataset_cache import PendingEntry, TokenFile
     from kbtune.data.settings import DataSettings
 
 
@@ -43,17 +44,6 @@ def tokenizer_parallelism() -> Iterator[None]:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = before
-
-
-def concatenate(chunks: list[Any]) -> np.ndarray:
-    """np.concatenate that frees each part once copied: the peak is ~1x the total, not 2x."""
-    out = np.empty(sum(len(c) for c in chunks), dtype=np.int32)
-    pos = 0
-    for i, chunk in enumerate(chunks):
-        out[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-        chunks[i] = None
-    return out
 
 
 def chat_turns(docs: Sequence[CleanDoc], tokenizer: Any) -> tuple[list[str], list[str]]:
@@ -135,15 +125,19 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 class SplitBlocks:
-    """One split's token blocks, built from its documents added a part at a time, in order: each part
-    is tokenized and its texts dropped, so a large KB's peak memory holds its tokens (as int32 arrays),
-    not its texts too (as lists of Python ints, the tokens alone took ~9x the memory)."""
+    """One split's token blocks, built from its documents added a part at a time, in order, and
+    appended to the cache entry's files: each part is tokenized and its texts dropped, so a large KB's
+    peak memory holds neither its texts nor its tokens (as lists of Python ints, the tokens alone
+    took ~9x the memory of the arrays)."""
 
-    def __init__(self, split: str, settings: DataSettings, tokenizer: Any):
-        self.split, self.settings, self.tokenizer = split, settings, tokenizer
+    def __init__(self, split: str, settings: DataSettings, tokenizer: Any, entry: PendingEntry):
+        self.settings, self.tokenizer = settings, tokenizer
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.chunks: list[np.ndarray] = []
-        self.label_chunks: list[np.ndarray] = []
+        document = settings.packing == "document"
+        self.blocks = entry.array(split, np.int32, settings.block_size)
+        # Created on the first labelled part: only `qa` and document packing have labels.
+        self._labels_file = lambda: entry.array(f"{split}_labels", np.int64 if document else np.int32, settings.block_size)
+        self.labels: TokenFile | None = None
         self.documents = self.tokens = self.padding = 0
 
     def add(self, docs: list[CleanDoc]) -> None:
@@ -153,34 +147,29 @@ class SplitBlocks:
             ids, labels = tokenize_documents(part, self.tokenizer, s)
             if s.packing == "document":
                 blocks, label_blocks, padding = document_blocks(ids, labels or None, eos, self.pad, s.block_size)
-                self.chunks.append(blocks)
-                self.label_chunks.append(label_blocks)
                 self.padding += padding
                 self.tokens += sum(len(x) + 2 for x in ids)
+                self._append(blocks, label_blocks)
             else:
-                self.chunks.append(pack(ids, eos, 1)[0].reshape(-1))
-                self.tokens += len(self.chunks[-1])
-                if labels:
-                    self.label_chunks.append(pack(labels, eos, 1)[0].reshape(-1))
+                stream = pack(ids, eos, 1)[0].reshape(-1)
+                self.tokens += len(stream)
+                self._append(stream, pack(labels, eos, 1)[0].reshape(-1) if labels else None)
             for d in part:
                 d.text = d.formatted = d.prompt = ""
             self.documents += len(part)
 
+    def _append(self, blocks: np.ndarray, labels: np.ndarray | None) -> None:
+        self.blocks.append(blocks)
+        if labels is not None:
+            self.labels = self.labels or self._labels_file()
+            self.labels.append(labels)
+
     def finish(self) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-        """(blocks, labels or None, counts). Packed: the tail shorter than a block is dropped."""
-        s = self.settings
-        if s.packing == "document":
-            width = (0, s.block_size)
-            blocks = np.concatenate(self.chunks) if self.chunks else np.empty(width, np.int32)
-            labels = np.concatenate(self.label_chunks) if self.label_chunks else np.empty(width, np.int64)
-            counts = {"documents": self.documents, "tokens": self.tokens, "blocks": len(blocks),
-                      "tail_tokens_dropped": 0, "padding_tokens": self.padding}  # fmt: skip
-            return blocks, labels, counts
-        stream = concatenate(self.chunks)
-        label_stream = concatenate(self.label_chunks) if self.label_chunks else None
-        n_blocks = len(stream) // s.block_size
-        blocks = stream[: n_blocks * s.block_size].reshape(n_blocks, s.block_size)
-        labels = label_stream[: n_blocks * s.block_size].reshape(n_blocks, s.block_size) if label_stream is not None else None
-        counts = {"documents": self.documents, "tokens": len(stream), "blocks": n_blocks,
-                  "tail_tokens_dropped": len(stream) - n_blocks * s.block_size}  # fmt: skip
-        return blocks, labels, counts
+        """(blocks, labels or None, counts), memory-mapped from their files. Packed: the tail shorter
+        than a block is dropped."""
+        blocks = self.blocks.close()
+        labels = self.labels.close() if self.labels is not None else None
+        counts = {"documents": self.documents, "tokens": self.tokens, "blocks": len(blocks)}
+        if self.settings.packing == "document":
+            return blocks, labels, {**counts, "tail_tokens_dropped": 0, "padding_tokens": self.padding}
+        return blocks, labels, {**counts, "tail_tokens_dropped": self.tokens - blocks.size}
