@@ -95,7 +95,9 @@ class TrainingService:
         """The prepared data, and the checks only the data can answer (ConfigError before any session
         exists): the validation interval against the epoch's batches, and a checkpoint to start from
         against the model and block size this plan trains."""
-        preparation = DataPreparation(kb, plan.data, TokenizerProvider(plan.model, cache_dir), cache_dir, plan.update)
+        preparation = DataPreparation(
+            kb, plan.data, TokenizerProvider(plan.model, cache_dir), cache_dir, plan.update
+        )
         preparation.prepare_dataset()
         problems = schedule_problems(plan, preparation)
         if plan.ckpt_path and plan.ckpt_path != "last":
@@ -186,17 +188,21 @@ class TrainingService:
             )
             return TrainOutcome(session, prepared=prepared, extra={"result": result})
         self._save_final_model(session_id, module, prepared, spec, plan)
-        session = self.store.update_session(session_id, status=SessionStatus.COMPLETED, completed_at=_now())
         # A smoke test (trainer.fast_dev_run) proves the path works; its model is not a version.
         version = None
         if plan.register and not plan.trainer.fast_dev_run:
-            version = self.model_manager.save_model(plan.version, session_id, session.metrics)
+            # Registered before the session reads `completed`, so a client that sees it completed
+            # finds its version (the knowledge evaluation below fills the version's figures in later).
+            version = self.model_manager.save_model(
+                plan.version, session_id, self.store.get_session(session_id).metrics
+            )
             if prepared.manifest.get("update"):
                 from kbtune.updates.lineage import record_lineage
 
                 record_lineage(self.store, version, prepared.manifest["update"])
-            if self._evaluate_after_training(version, plan.eval, session_id):
-                session, version = self.store.get_session(session_id), self.store.get_version(version.id)
+        session = self.store.update_session(session_id, status=SessionStatus.COMPLETED, completed_at=_now())
+        if version is not None and self._evaluate_after_training(version, plan.eval, session_id):
+            session, version = self.store.get_session(session_id), self.store.get_version(version.id)
         logger.info(
             "session %s completed: %s",
             session_id,

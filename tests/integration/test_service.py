@@ -159,10 +159,23 @@ def test_register_false_saves_no_version(env):
     assert mv.training_session_id == outcome.session.id and mv.metrics == outcome.session.metrics
 
 
-def test_labelled_version_from_config(env):
+def test_labelled_version_from_config(env, monkeypatch):
     plan, _, service = build(env["root"], env["kb"], ["version=release-7", "trainer.max_epochs=1"])
+    # What a client polling the session sees at the moment it reads `completed`: its version is listed.
+    listed_when_completed = []
+    update_session = service.store.update_session
+
+    def spy(session_id, **fields):
+        if fields.get("status") is SessionStatus.COMPLETED:
+            listed_when_completed.append(
+                [v.version for v in service.store.list_versions() if v.training_session_id == session_id]
+            )
+        return update_session(session_id, **fields)
+
+    monkeypatch.setattr(service.store, "update_session", spy)
     outcome = service.train_model(plan)
     assert outcome.version.version == "release-7"
+    assert listed_when_completed == [["release-7"]]
     assert service.store.get_version("release-7").training_session_id == outcome.session.id
     # The same label again is refused before any session exists, and overwrites nothing.
     sessions = service.store.list_sessions()

@@ -93,11 +93,19 @@ class DataPreparation:
 
     # -- steps -------------------------------------------------------------------------------------
     def collect(self) -> tuple[list[CleanDoc], Counter]:
-        cleaner = Cleaner(self.settings)
-        kept = [doc for page in self.kb.iter_pages() for doc in cleaner.clean(page)]
-        # Packing order is by id, not by export order, so it does not depend on how Chroma pages.
-        kept.sort(key=lambda d: d.id)
-        return kept, cleaner.drops
+        return self._collect()[:2]
+
+    def _collect(self) -> tuple[list[CleanDoc], Counter, str]:
+        """Every kept document in id order, the drops, and the corpus digest (as a survey computes it)."""
+        from kbtune.data import corpus
+
+        s = self.settings
+        digest, cleaner, kept = corpus.CorpusDigest(corpus.reads_metadata(s)), Cleaner(s), []
+        for page_ids, texts, metas in self.kb.iter_raw(self.kb.list_ids(), metadata=True):
+            digest.add_page(page_ids, texts, metas)
+            kept += cleaner.clean([Document(i, t, dict(metas[k] or {}) if metas else {})
+                                   for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))])  # fmt: skip
+        return kept, cleaner.drops, digest.hexdigest()
 
     def _prepare_streamed(self) -> PreparedData:
         from kbtune.data import corpus
@@ -131,7 +139,9 @@ class DataPreparation:
         index.remember(key, len(ids))
         return hit
 
-    def _stream_blocks(self, ids: list[str], tokenizer: Any, entry: PendingEntry) -> tuple[dict[str, Any], DocumentRecords, str, Counter]:
+    def _stream_blocks(
+        self, ids: list[str], tokenizer: Any, entry: PendingEntry
+    ) -> tuple[dict[str, Any], DocumentRecords, str, Counter]:
         """One pass: every page read, digested, cleaned, formatted, split, tokenized and dropped."""
         from kbtune.data import corpus
 
@@ -142,7 +152,10 @@ class DataPreparation:
         with tokenizer_parallelism():
             for page_ids, texts, metas in self.kb.iter_raw(ids, metadata=digest.with_metadata):
                 digest.add_page(page_ids, texts, metas)
-                page = [Document(i, t, metas[k] or {} if metas else {}) for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))]
+                page = [
+                    Document(i, t, metas[k] or {} if metas else {})
+                    for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))
+                ]
                 kept = cleaner.clean(page)
                 for doc in kept:
                     records.add(doc)
@@ -152,14 +165,19 @@ class DataPreparation:
 
     def _prepare_in_memory(self) -> PreparedData:
         t0 = time.perf_counter()
-        docs, drops = self.collect()
+        from kbtune.data import corpus
+
+        docs, drops, digest = self._collect()
         train_docs = [d for d in docs if d.split == "train"]
         val_docs = [d for d in docs if d.split == "val"]
         self._check_split_documents(len(train_docs), len(val_docs), drops)
         from kbtune.updates.selection import select_training
 
         train_docs, update = select_training(train_docs, self.update, {d.id for d in docs})
-        tokenizer = self._tokenizer([d.prompt + d.formatted for d in train_docs])
+        texts = corpus.TrainingTexts(d.prompt + d.formatted for d in train_docs)
+        if update is None:  # every training document, as a streamed preparation would train on
+            texts.fingerprint = corpus.training_texts_fingerprint(self.settings, digest)
+        tokenizer = self._tokenizer(texts)
         key = self._cache_key(docs, tokenizer)
         hit = self._load_cached(key, tokenizer, t0, drops)
         if hit is not None:
@@ -224,7 +242,9 @@ class DataPreparation:
                     f"block of {s.block_size}; lower data.block_size or add documents to {self.kb.settings.describe()}"
                 )
 
-    def _load_cached(self, key: str, tokenizer: Any, t0: float, drops: Counter | None = None) -> PreparedData | None:
+    def _load_cached(
+        self, key: str, tokenizer: Any, t0: float, drops: Counter | None = None
+    ) -> PreparedData | None:
         directory = self.cache_dir / "datasets" / key
         if not (directory / "manifest.json").exists():
             return None
@@ -303,12 +323,18 @@ class DataPreparation:
         h = self._key_prefix(tokenizer)
         for d in docs:
             # The formatted text covers template fields drawn from metadata, not only the body.
-            h.update(f"{d.id}\0{d.split}\0{d.sha256}\0{d.role}\0".encode() if d.role else f"{d.id}\0{d.split}\0{d.sha256}\0".encode())
+            h.update(
+                f"{d.id}\0{d.split}\0{d.sha256}\0{d.role}\0".encode()
+                if d.role
+                else f"{d.id}\0{d.split}\0{d.sha256}\0".encode()
+            )
             h.update(hashlib.sha256((d.prompt + "\0" + d.formatted).encode()).digest())
         return h.hexdigest()[:24]
 
 
-def load_documents_for_split(kb: KnowledgeBase, manifest: dict[str, Any], settings: DataSettings, split: str = "val") -> list[CleanDoc]:
+def load_documents_for_split(
+    kb: KnowledgeBase, manifest: dict[str, Any], settings: DataSettings, split: str = "val"
+) -> list[CleanDoc]:
     """Rebuild a split exactly from a manifest: the same ids, checked against their content hashes,
     cleaned and formatted as in training."""
     wanted = [d for d in manifest["documents"] if d["split"] == split]
