@@ -129,9 +129,7 @@ def kbtune_prepare(kb: dict[str, str], tokenizer: Any, cache_dir: Path) -> tuple
     from kbtune.knowledge_base import KBSettings, KnowledgeBase
 
     knowledge_base = KnowledgeBase.connect(KBSettings(path=kb["path"], collection=kb["collection"]))
-    preparation = DataPreparation(
-        knowledge_base, DataSettings(block_size=BLOCK), ReadyTokenizer(tokenizer), cache_dir
-    )
+    preparation = DataPreparation(knowledge_base, DataSettings(block_size=BLOCK), ReadyTokenizer(tokenizer), cache_dir)
     t0 = time.perf_counter()
     prepared = preparation.prepare_dataset()
     seconds = time.perf_counter() - t0

@@ -76,10 +76,7 @@ def synthetic_kbs(workdir: Path, sizes: list[int]) -> dict[int, dict[str, str]]:
     100k share one store; a million documents (~9 GB on disk, ~15 min to build on 2 cores) get their
     own, so the smaller collections are not read from beside them."""
     out = {}
-    for store, group in (
-        ("chroma", [n for n in sizes if n < 1_000_000]),
-        ("chroma-1m", [n for n in sizes if n >= 1_000_000]),
-    ):
+    for store, group in (("chroma", [n for n in sizes if n < 1_000_000]), ("chroma-1m", [n for n in sizes if n >= 1_000_000])):
         if group:
             out.update(_build(workdir / "synthetic_kb" / store, group))
     return out

@@ -403,10 +403,7 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
                        "result": f"{s['kbtune']['tokens_per_s']['median']:,.0f} vs {s['kbtune_fp32']['tokens_per_s']['median']:,.0f} tok/s: **{r['bf16']:.2f}x**",
                        "target": ">= 2.5x", "targets": targets[6:7]})  # fmt: skip
     # Each line shows met / not met of the targets it states (harness.readme_row records their names).
-    readme = [
-        harness.readme_row(line["comparison"], line["result"], line["target"], line["targets"])
-        for line in readme
-    ]
+    readme = [harness.readme_row(line["comparison"], line["result"], line["target"], line["targets"]) for line in readme]
     details = {
         "model": ctx.spec.name, "architecture": ctx.spec.architecture, "flops_per_token": fpt, "flops_formula": FLOPS_FORMULA,
         "batch": ctx.batch, "block": ctx.block, "steps": ctx.steps, "warmup_steps_skipped": ctx.warmup,

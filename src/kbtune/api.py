@@ -95,13 +95,9 @@ class StartRequest(BaseModel):
                 raise ValueError(f"{value[:80]!r} is not an override of the form key=value")
             key = match.group(1)
             if key.split(".")[0] in _FORBIDDEN_OVERRIDES or key.startswith(_FORBIDDEN_OVERRIDES[3:]):
-                raise ValueError(
-                    f"{key} cannot be set through the API (it locates files, the store or a session)"
-                )
+                raise ValueError(f"{key} cannot be set through the API (it locates files, the store or a session)")
             if re.search(r"\$\{|['\"\\]", match.group(3)) or any(ord(c) < 32 for c in value):
-                raise ValueError(
-                    f"{key}: the value must not contain quotes, backslashes, '${{' or control characters"
-                )
+                raise ValueError(f"{key}: the value must not contain quotes, backslashes, '${{' or control characters")
         return values
 
     @field_validator("resume", "collection", "version", "precision")
@@ -180,7 +176,6 @@ def _field_of(problem: str) -> str | None:
 def unprocessable(problems: list[tuple[str | None, str]]) -> JSONResponse:
     """422 in FastAPI's own shape, so the page shows config problems like pydantic's."""
     from kbtune.api_guard import short
-
     detail = [
         {"loc": ["body", field] if field else ["body"], "msg": short(msg), "type": "value_error.config"}
         for field, msg in problems
@@ -245,9 +240,7 @@ def _add_model_routes(app: FastAPI, control: Any, guarded: list[Any], manager: A
     from kbtune.model_manager import ModelManager
 
     app.state.model_cache = model_cache()
-    add_generation_routes(
-        app, control.store, manager or ModelManager(control.store), app.state.model_cache, guarded
-    )
+    add_generation_routes(app, control.store, manager or ModelManager(control.store), app.state.model_cache, guarded)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -318,9 +311,7 @@ def _add_training_routes(app: FastAPI, control: Any, guarded: list[Any], local_m
         return control.describe(control.stop(_session_id_ok(session_id)))
 
 
-def _add_listing_routes(
-    app: FastAPI, control: Any, guarded: list[Any], token: str | None, promotion: Any
-) -> None:
+def _add_listing_routes(app: FastAPI, control: Any, guarded: list[Any], token: str | None, promotion: Any) -> None:
     """Sessions, versions (their knowledge, gated promotion), health and the page."""
     store = control.store
 
@@ -357,16 +348,11 @@ def _add_listing_routes(
         from kbtune.knowledge.promotion import PromotionRefused
 
         if promotion is None:
-            return JSONResponse(
-                status_code=503,
-                content={"detail": "this server was built without a project to evaluate versions in"},
-            )
+            return JSONResponse(status_code=503, content={"detail": "this server was built without a project to evaluate versions in"})
         try:
             decision = promotion().promote(version, request.alias, request.max_forgetting, request.force)
         except PromotionRefused as exc:
-            return JSONResponse(
-                status_code=409, content={"detail": str(exc), "decision": json.loads(exc.decision.to_json())}
-            )
+            return JSONResponse(status_code=409, content={"detail": str(exc), "decision": json.loads(exc.decision.to_json())})
         except ValueError as exc:  # an alias name that is not allowed
             return unprocessable([("alias", str(exc))])
         return json.loads(decision.to_json())
@@ -378,5 +364,4 @@ def _add_listing_routes(
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
-
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")

@@ -51,14 +51,7 @@ class EvalSettings:
         p = []
         if self.max_documents is not None and self.max_documents < 1:
             p.append(f"eval.max_documents: must be >= 1 or null, got {self.max_documents}")
-        for key in (
-            "batch_size",
-            "prefix_tokens",
-            "generate_tokens",
-            "retain_max_documents",
-            "probe_batch_size",
-            "report_worst",
-        ):
+        for key in ("batch_size", "prefix_tokens", "generate_tokens", "retain_max_documents", "probe_batch_size", "report_worst"):
             if getattr(self, key) < 1:
                 p.append(f"eval.{key}: must be >= 1, got {getattr(self, key)}")
         if self.generation_documents < 0:
@@ -66,9 +59,7 @@ class EvalSettings:
         return p + self.probes.validate()
 
 
-def score_model(
-    model: Any, tokenizer: Any, docs: list[Any], data: DataSettings, settings: EvalSettings
-) -> dict[str, float]:
+def score_model(model: Any, tokenizer: Any, docs: list[Any], data: DataSettings, settings: EvalSettings) -> dict[str, float]:
     """Loss/perplexity/accuracy over the documents packed as in training, plus continuation metrics.
     Only running sums are kept across batches, so memory does not grow with the test set."""
     import torch
@@ -93,12 +84,7 @@ def score_model(
             correct += int(stats.correct)
             tokens += int(stats.tokens)
     loss = loss_sum / max(tokens, 1)
-    out = {
-        "loss": loss,
-        "perplexity": float(np.exp(loss)),
-        "accuracy": correct / max(tokens, 1),
-        "tokens": float(tokens),
-    }
+    out = {"loss": loss, "perplexity": float(np.exp(loss)), "accuracy": correct / max(tokens, 1), "tokens": float(tokens)}
 
     rouge = ROUGEScore(rouge_keys=("rougeL",))
     bleu = BLEUScore(n_gram=4, smooth=True)
@@ -139,9 +125,7 @@ class ModelEvaluation:
         docs = load_documents_for_split(kb, manifest, data, "val")
         return docs, data, manifest
 
-    def evaluate(
-        self, version: str, settings: EvalSettings | None = None, record: bool = True
-    ) -> dict[str, float]:
+    def evaluate(self, version: str, settings: EvalSettings | None = None, record: bool = True) -> dict[str, float]:
         from kbtune.model_manager import load_model_dir
         from kbtune.modeling.factory import ModelSpec, build_model
 
@@ -156,9 +140,7 @@ class ModelEvaluation:
             # The untrained init (same seed as training) or the base checkpoint, without any adapter.
             start = build_model(replace(spec, lora=None, gradient_checkpointing=False))
             base = score_model(start, tokenizer, docs, data, settings)
-            results.update(
-                {f"eval/start_{k}": v for k, v in base.items() if k not in ("tokens", "generation_samples")}
-            )
+            results.update({f"eval/start_{k}": v for k, v in base.items() if k not in ("tokens", "generation_samples")})
             results["eval/perplexity_gain"] = base["perplexity"] - results["eval/perplexity"]
             if "rougeL" in base:
                 results["eval/rougeL_gain"] = results["eval/rougeL"] - base["rougeL"]
@@ -166,7 +148,5 @@ class ModelEvaluation:
         if record:
             self.store.log_metrics(mv.training_session_id, results)
             self.store.update_version_metrics(mv.id, results)
-        logger.info(
-            "evaluated version %s on %d held-out documents (%s)", mv.version, len(docs), manifest["cache_key"]
-        )
+        logger.info("evaluated version %s on %d held-out documents (%s)", mv.version, len(docs), manifest["cache_key"])
         return results

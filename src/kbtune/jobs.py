@@ -39,9 +39,7 @@ def train(cfg: Any) -> float | None:
         return _metric(project.service.train_model(plan), plan)
     session_id, plan, project = _continued_session(project, plan, overrides)
     name, tags = run_identity(plan, overrides)
-    plan = dataclasses.replace(
-        plan, run_name=name, tags={**plan.tags, **tags, **sweep_tags, "kbtune.origin": "script"}
-    )
+    plan = dataclasses.replace(plan, run_name=name, tags={**plan.tags, **tags, **sweep_tags, "kbtune.origin": "script"})
     outcome = SessionRunner(project.service, progress_bar=True).run(plan, session_id)
     return _metric(outcome, plan)
 
@@ -56,9 +54,7 @@ def _continued_session(project: Project, plan: Any, overrides: list[str]) -> tup
         return None, plan, project
     conflicting = [o for o in overrides if not o.lstrip("+~").startswith(_LOCATING_KEYS)]
     if conflicting:
-        raise ConfigError(
-            [f"resume: session {resume} continues with its own settings; leave out {' '.join(conflicting)}"]
-        )
+        raise ConfigError([f"resume: session {resume} continues with its own settings; leave out {' '.join(conflicting)}"])
     previous = project.store.get_session(str(resume))
     stored_plan, runtime = load_session_plan(previous.config)
     project = Project(previous.config, runtime)

@@ -56,13 +56,9 @@ class KBSettings:
     def validate(self) -> list[str]:
         problems = []
         if self.backend not in ("chroma", "chroma_http"):
-            problems.append(
-                f"kb.backend: must be 'chroma' or 'chroma_http', got {self.backend!r} (select kb=chroma or kb=chroma_http)"
-            )
+            problems.append(f"kb.backend: must be 'chroma' or 'chroma_http', got {self.backend!r} (select kb=chroma or kb=chroma_http)")
         if not 3 <= len(self.collection or "") <= 512:
-            problems.append(
-                f"kb.collection: Chroma collection names need 3-512 characters, got {self.collection!r}"
-            )
+            problems.append(f"kb.collection: Chroma collection names need 3-512 characters, got {self.collection!r}")
         if not 1 <= self.page_size <= 5000:
             problems.append(f"kb.page_size: must be in [1, 5000], got {self.page_size}")
         if self.backend == "chroma_http" and not 0 < self.port < 65536:
@@ -111,9 +107,7 @@ def probe_store(path: Path, timeout: float) -> None:
             ) from exc
         raise KnowledgeBaseUnavailable(f"kb.path: the Chroma store {path} cannot be used ({exc})") from exc
     except sqlite3.DatabaseError as exc:
-        raise KnowledgeBaseUnavailable(
-            f"kb.path: the Chroma store {path} is corrupted ({exc}); {hint}"
-        ) from exc
+        raise KnowledgeBaseUnavailable(f"kb.path: the Chroma store {path} is corrupted ({exc}); {hint}") from exc
     if checked != ["ok"]:
         problem = " ".join(line for line in checked[0].splitlines() if not line.startswith("***"))[:200]
         raise KnowledgeBaseUnavailable(f"kb.path: the Chroma store {path} is corrupted ({problem}); {hint}")
@@ -221,10 +215,7 @@ class KnowledgeBase:
         if ids is None:
             ids = self.list_ids(where)
         for page_ids, texts, metas in self.iter_raw(ids, page_size, metadata):
-            yield [
-                Document(i, t, dict(metas[k] or {}) if metas else {})
-                for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))
-            ]
+            yield [Document(i, t, dict(metas[k] or {}) if metas else {}) for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))]
 
     def iter_raw(self, ids: Sequence[str], page_size: int | None = None, metadata: bool = False,
                  ) -> Iterator[tuple[list[str], list[str | None], list[Any] | None]]:  # fmt: skip
@@ -259,9 +250,7 @@ class KnowledgeBase:
         while True:
             try:
                 with chroma_errors(self.settings):
-                    page = collection.get(where=where or None, limit=ID_PAGE, offset=offset, include=[])[
-                        "ids"
-                    ]
+                    page = collection.get(where=where or None, limit=ID_PAGE, offset=offset, include=[])["ids"]
             except KnowledgeBaseError:
                 raise
             except ValueError as exc:  # Chroma validates filters client-side with ValueError

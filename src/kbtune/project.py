@@ -27,16 +27,8 @@ ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 # Lightning's log lines that advertise products or report absent hardware: noise in every session log.
-_NOISE = (
-    "litlogger",
-    "litmodels",
-    "Tip:",
-    "TPU available",
-    "HPU available",
-    "GPU available: False",
-    "was configured so",
-    "Loading `train_dataloader` to estimate",
-)
+_NOISE = ("litlogger", "litmodels", "Tip:", "TPU available", "HPU available", "GPU available: False",
+          "was configured so", "Loading `train_dataloader` to estimate")
 
 
 def configure_environment(root: Path | None = None) -> None:
@@ -143,9 +135,7 @@ class Project:
         from kbtune.knowledge.evaluation import KnowledgeEvaluation
         from kbtune.knowledge.promotion import GatedPromotion
 
-        return GatedPromotion(
-            self.store, self.manager, KnowledgeEvaluation(self.kb, self.store, self.manager)
-        )
+        return GatedPromotion(self.store, self.manager, KnowledgeEvaluation(self.kb, self.store, self.manager))
 
     def control(self, max_running: int = 1, as_defaults: bool = False) -> Any:
         """Worker control over this project's sessions. Its base overrides are composed under every

@@ -8,25 +8,13 @@ from pathlib import Path
 from typing import Any
 
 # Overrides that only say where things live: they would make every run name differ for nothing.
-_LOCATING = (
-    "hydra",
-    "paths.",
-    "tracking",
-    "kb.path",
-    "kb.host",
-    "kb.port",
-    "model=",
-    "model.path",
-    "hparams_search",
-)
+_LOCATING = ("hydra", "paths.", "tracking", "kb.path", "kb.host", "kb.port", "model=", "model.path", "hparams_search")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
-        )
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -69,9 +69,7 @@ class TrainerSettings:
                 f"trainer.gradient_clip_val: must be >= 0 (0 disables clipping), got {self.gradient_clip_val}"
             )
         if self.compile and self.strategy.startswith("fsdp"):
-            p.append(
-                "trainer.compile: not supported with trainer=fsdp (FSDP gathers the weights the compiled step reads)"
-            )
+            p.append("trainer.compile: not supported with trainer=fsdp (FSDP gathers the weights the compiled step reads)")
         if self.precision not in PRECISIONS:
             p.append(f"trainer.precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if isinstance(self.val_check_interval, float) and not 0 < self.val_check_interval <= 1:

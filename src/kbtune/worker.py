@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from kbtune.project import configure_environment, configure_logging
 
     parser = argparse.ArgumentParser(
-        prog="python -m kbtune.worker",
-        description="Run one training session (started by kbtune start / the API).",
+        prog="python -m kbtune.worker", description="Run one training session (started by kbtune start / the API)."
     )
     parser.add_argument("session_id")
     parser.add_argument("overrides", nargs="*", help="the launcher's Hydra overrides (to find the store)")

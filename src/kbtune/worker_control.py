@@ -58,9 +58,7 @@ class WorkerControl:
     """Starts, stops and watches the training workers of one store. A status read notices a worker
     that died (killed, out of memory) and marks its session failed instead of leaving it running."""
 
-    def __init__(
-        self, store: Any, sessions_dir: Path, overrides: list[str] | None = None, max_running: int = 1
-    ):
+    def __init__(self, store: Any, sessions_dir: Path, overrides: list[str] | None = None, max_running: int = 1):
         self.store = store
         self.layout = SessionLayout(Path(sessions_dir))
         # The launcher's own overrides that locate the store: the worker composes them to find it.

@@ -221,9 +221,7 @@ def _first_token_and_stream(server, version: str, body: dict) -> tuple[float, li
 
     started, first, pieces, done, name, asked = time.perf_counter(), None, [], None, "message", None
     with httpx.stream("POST", f"{server.url}/models/{version}/generate", json=body, timeout=120) as response:
-        assert response.status_code == 200 and response.headers["content-type"].startswith(
-            "text/event-stream"
-        )
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
             if line.startswith("event: "):
                 name = line.removeprefix("event: ")
@@ -242,9 +240,7 @@ def _first_token_and_stream(server, version: str, body: dict) -> tuple[float, li
 
 @pytest.mark.slow
 def test_generation_streams_server_sent_events_from_a_trained_version(server):
-    response = server.post(
-        "/training/start", json={**TRAINING, "max_epochs": 1, "max_steps": 10, "version": "try-it"}
-    )
+    response = server.post("/training/start", json={**TRAINING, "max_epochs": 1, "max_steps": 10, "version": "try-it"})
     assert response.status_code == 201, response.text
     assert server.wait_terminal(response.json()["id"])["status"] == "completed"
     deadline = time.monotonic() + 60  # the version is registered just after the session completes

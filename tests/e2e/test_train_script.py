@@ -43,9 +43,7 @@ def test_run_is_recorded_in_mlflow(trained):
     root, _ = trained
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("kbtune")
-    assert exp.artifact_location.startswith(
-        f"file://{root}/mlruns/artifacts"
-    ) or exp.artifact_location.startswith(f"{root}/mlruns/artifacts")
+    assert exp.artifact_location.startswith(f"file://{root}/mlruns/artifacts") or exp.artifact_location.startswith(f"{root}/mlruns/artifacts")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["kbtune.status"] == "completed"
@@ -60,13 +58,9 @@ def test_run_is_recorded_in_mlflow(trained):
     assert {"kbtune", "data", "model"} <= artifacts
     files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json"} <= files
-    config = json.loads(
-        Path(root, "mlruns", "artifacts", run.info.run_id, "artifacts", "kbtune", "config.json").read_text()
-    )
+    config = json.loads(Path(root, "mlruns", "artifacts", run.info.run_id, "artifacts", "kbtune", "config.json").read_text())
     assert config["model"]["name"] == "tiny" and config["kb"]["collection"] == "testkb"
-    manifest = json.loads(
-        Path(root, "mlruns", "artifacts", run.info.run_id, "artifacts", "data", "manifest.json").read_text()
-    )
+    manifest = json.loads(Path(root, "mlruns", "artifacts", run.info.run_id, "artifacts", "data", "manifest.json").read_text())
     assert manifest["collection"] == "testkb" and manifest["splits"]["val"]["documents"] > 0
     (version,) = client.search_model_versions("name='kbtune'")
     assert version.run_id == run.info.run_id and version.tags["kbtune.label"] == "e2e-first"
@@ -93,25 +87,14 @@ def test_saved_model_reloads_with_transformers_and_generates(trained):
     ids = tok("The Heron buoy", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1]
-    assert isinstance(tok.decode(out[0][ids.shape[1] :]), str)
+    assert isinstance(tok.decode(out[0][ids.shape[1]:]), str)
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (
-            ["kb.collection=no-such-collection"],
-            "kb.collection: collection 'no-such-collection' does not exist",
-        ),
-        (
-            [
-                "data.block_size=250",
-                "data.val_fraction=0.5",
-                "model.max_position=100000",
-                "data.block_size=90000",
-            ],
-            "data.block_size",
-        ),
+        (["kb.collection=no-such-collection"], "kb.collection: collection 'no-such-collection' does not exist"),
+        (["data.block_size=250", "data.val_fraction=0.5", "model.max_position=100000", "data.block_size=90000"], "data.block_size"),
         (["model=gigantic"], "Could not find 'model/gigantic'"),
         (["model=local"], "model.path: required"),
         (["trainer.max_epochs=-1"], "trainer.max_steps"),

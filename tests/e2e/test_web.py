@@ -97,9 +97,7 @@ def test_start_watch_stop_and_theme_from_the_page(server, browser):
     page.fill("textarea[name=overrides]", "trainer.gradient_clip_val=-1")
     _fill_form(page, {"max_steps": "40"})
     page.click("#start-button")
-    page.wait_for_function(
-        "document.querySelector('.field-error[data-for=overrides]').textContent.length > 0"
-    )
+    page.wait_for_function("document.querySelector('.field-error[data-for=overrides]').textContent.length > 0")
     assert "trainer.gradient_clip_val" in page.text_content(".field-error[data-for=overrides]")
 
     # A tiny training from the form, watched to the end.
@@ -140,9 +138,7 @@ def test_start_watch_stop_and_theme_from_the_page(server, browser):
     page.fill("#try-max-tokens", "32")
     page.click("#try-button")
     page.wait_for_function("document.getElementById('try-output').textContent.length > 0", timeout=60_000)
-    page.wait_for_function(
-        "document.getElementById('try-stats').textContent.includes('tokens in')", timeout=60_000
-    )
+    page.wait_for_function("document.getElementById('try-stats').textContent.includes('tokens in')", timeout=60_000)
 
     # Another, stopped with the button.
     _fill_form(page, {"max_steps": "", "max_epochs": "50"})

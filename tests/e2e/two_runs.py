@@ -27,7 +27,9 @@ def train_two_runs(root: Path, kb: dict[str, str]) -> dict:
         f"paths.root={root}", *shared, "trainer.max_steps=8", "trainer.val_check_interval=4",
         "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
     ]  # fmt: skip
-    val_losses = [train(compose([*training, f"optim.learning_rate={lr}"])) for lr in LEARNING_RATES]
+    val_losses = [
+        train(compose([*training, f"optim.learning_rate={lr}"])) for lr in LEARNING_RATES
+    ]
     assert all(v is not None for v in val_losses)
     return {
         "root": root,

@@ -34,15 +34,9 @@ def make_local_checkpoint(
     if chat_template:
         tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
         tokenizer.chat_template = chat_template
-    ids = {
-        "bos_token_id": tokenizer.eos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if architecture == "gpt2":
-        config = GPT2Config(
-            vocab_size=len(tokenizer), n_positions=context, n_embd=64, n_layer=2, n_head=2, **ids
-        )
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=64, n_layer=2, n_head=2, **ids)
     else:
         config = LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -50,12 +44,7 @@ def make_local_checkpoint(
         )  # fmt: skip
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    pretrain(
-        model,
-        tokenizer,
-        [p.read_text() for p in sorted((SAMPLE_KB / "part_b").rglob("*.md"))],
-        pretrain_steps,
-    )
+    pretrain(model, tokenizer, [p.read_text() for p in sorted((SAMPLE_KB / "part_b").rglob("*.md"))], pretrain_steps)
     model.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
     return directory

@@ -336,8 +336,6 @@ def test_the_readme_table_matches_the_results_it_names():
     source = readme_table.named_source(readme[start:end])
     if source is None:
         pytest.skip("the README holds no generated table yet")
-    assert source.exists() and source.parent == BENCHMARKS / "results", (
-        f"{source} is not a committed results file"
-    )
+    assert source.exists() and source.parent == BENCHMARKS / "results", f"{source} is not a committed results file"
     check = readme_table_cmd("--check")
     assert check.returncode == 0, f"run benchmarks/readme_table.py {source}:\n{check.stdout}"

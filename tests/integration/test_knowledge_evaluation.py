@@ -66,9 +66,7 @@ def test_recall_separates_a_memorising_model_from_a_barely_trained_one(facts_pro
 def test_re_evaluating_a_version_reproduces_its_figures_on_the_same_probes(facts_project):
     project = facts_project["project"]
     recorded = project.store.get_version("memorised").metrics
-    again = project.service.evaluate_knowledge(
-        "memorised", EvalSettings(probes=EvalSettings().probes), record=False
-    )
+    again = project.service.evaluate_knowledge("memorised", EvalSettings(probes=EvalSettings().probes), record=False)
     for key, value in again.metrics.items():
         if key != "knowledge/seconds":
             assert recorded[key] == value, key
@@ -157,9 +155,7 @@ def test_kbtune_versions_shows_recall_and_the_worst_learned_documents(facts_proj
     import sys
 
     locate = [o for o in facts_project["overrides"] if o.startswith(("paths.", "kb."))]
-    table = subprocess.run(
-        [sys.executable, "-m", "kbtune", "versions", *locate], capture_output=True, text=True, timeout=120
-    )
+    table = subprocess.run([sys.executable, "-m", "kbtune", "versions", *locate], capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr[-2000:]
     memorised = next(line for line in table.stdout.splitlines() if " memorised " in f" {line} ")
     assert "100.0%" in memorised or "9" in memorised.split()[4]  # recall column, e.g. 100.0% / 97.8%

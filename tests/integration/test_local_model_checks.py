@@ -21,9 +21,7 @@ from tests.integration.local_checkpoints import make_local_checkpoint
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory) -> Path:
-    return make_local_checkpoint(
-        tmp_path_factory.mktemp("ckpt") / "llama", "llama", context=128, pretrain_steps=0
-    )
+    return make_local_checkpoint(tmp_path_factory.mktemp("ckpt") / "llama", "llama", context=128, pretrain_steps=0)
 
 
 def problems(project: dict, *overrides: str) -> str:
@@ -57,24 +55,14 @@ def test_remote_code_runs_only_when_allowed(project, llama_dir, tmp_path):
     assert "loads code shipped with the model" in text and "model.trust_remote_code=true" in text
     with pytest.raises(ModelError, match="trust_remote_code"):
         load_local_tokenizer(str(custom))
-    plan, _ = load(
-        to_container(
-            compose(
-                [*project["overrides"], "model=local", f"model.path={custom}", "model.trust_remote_code=true"]
-            )
-        )
-    )
+    plan, _ = load(to_container(compose([*project["overrides"], "model=local", f"model.path={custom}", "model.trust_remote_code=true"])))
     assert plan.model.trust_remote_code
 
 
 def test_sequence_length_must_fit_the_models_context(project, llama_dir):
     text = problems(project, "model=local", f"model.path={llama_dir}", "data.block_size=256")
     assert "data.block_size: 256 exceeds the 128-token context" in text
-    plan, _ = load(
-        to_container(
-            compose([*project["overrides"], "model=local", f"model.path={llama_dir}", "data.block_size=128"])
-        )
-    )
+    plan, _ = load(to_container(compose([*project["overrides"], "model=local", f"model.path={llama_dir}", "data.block_size=128"])))
     assert plan.data.block_size == 128
 
 
@@ -97,15 +85,9 @@ def test_gpu_only_settings_are_refused_on_cpu(project):
 
 
 def test_scale_out_configs_compose(project):
-    plan, _ = load(
-        to_container(
-            compose([*project["overrides"], "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])
-        )
-    )
+    plan, _ = load(to_container(compose([*project["overrides"], "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"])))
     assert (plan.trainer.strategy, plan.trainer.devices, plan.trainer.max_epochs) == ("ddp", 2, 2)
-    _, runtime = load(
-        to_container(compose([*project["overrides"], "tracking=server", "tracking.uri=http://10.0.0.5:5000"]))
-    )
+    _, runtime = load(to_container(compose([*project["overrides"], "tracking=server", "tracking.uri=http://10.0.0.5:5000"])))
     assert runtime.tracking.uri == "http://10.0.0.5:5000" and runtime.tracking.artifact_location is None
     # Launching more processes re-runs the script, which a compose-API caller is not.
     with pytest.raises(ConfigError, match="scripts/train.py"):
@@ -117,9 +99,7 @@ def test_an_adapter_version_names_its_base_and_refuses_to_load_without_it(llama_
     shutil.copytree(llama_dir, base)
     spec = ModelSpec(name="local", source="local", path=str(base), lora=LoraSpec(r=4, alpha=8))
     model = apply_lora(build_model(spec), spec.lora)
-    saved = save_model_dir(
-        export_for_saving(model, merge=False), load_local_tokenizer(str(base)), spec.to_dict(), tmp_path / "v"
-    )
+    saved = save_model_dir(export_for_saving(model, merge=False), load_local_tokenizer(str(base)), spec.to_dict(), tmp_path / "v")
     loaded, _ = load_model_dir(saved)
     assert type(loaded).__name__.startswith("PeftModel")
 

@@ -89,9 +89,7 @@ def test_generate_is_greedy_repeatable_and_equals_transformers_generate(runs, mo
 def test_bad_settings_are_exit_2_naming_each_flag(runs):
     proc = runs["bad flags"]
     assert proc.returncode == 2 and proc.stdout == ""
-    assert (
-        proc.stderr.startswith("kbtune: error: --temperature: must be") and "--top-p: must be" in proc.stderr
-    )
+    assert proc.stderr.startswith("kbtune: error: --temperature: must be") and "--top-p: must be" in proc.stderr
 
 
 def test_chat_prints_the_reply_of_a_chat_session_and_ends_at_exit(runs, model):

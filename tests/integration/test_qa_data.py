@@ -27,9 +27,7 @@ def faq_kb(tmp_path_factory) -> KnowledgeBase:
 
 
 def prepare(kb: KnowledgeBase, spec: ModelSpec, cache: Path, **settings):
-    preparation = DataPreparation(
-        kb, DataSettings(format="qa", **settings), TokenizerProvider(spec, cache), cache
-    )
+    preparation = DataPreparation(kb, DataSettings(format="qa", **settings), TokenizerProvider(spec, cache), cache)
     return preparation, preparation.prepare_dataset()
 
 
@@ -66,9 +64,7 @@ def test_qa_labels_mask_the_prompt_and_keep_the_answer(faq_kb, tmp_path):
 
 
 def test_chat_template_of_a_local_model_renders_the_prompt_it_masks(faq_kb, tmp_path):
-    model_dir = make_local_checkpoint(
-        tmp_path / "chat-model", "llama", chat_template=CHATML, pretrain_steps=0
-    )
+    model_dir = make_local_checkpoint(tmp_path / "chat-model", "llama", chat_template=CHATML, pretrain_steps=0)
     spec = ModelSpec(name="local", source="local", path=str(model_dir))
     preparation, data = prepare(faq_kb, spec, tmp_path / "cache", block_size=128, chat_template=True)
     tok = data.tokenizer
@@ -87,9 +83,7 @@ def test_chat_template_of_a_local_model_renders_the_prompt_it_masks(faq_kb, tmp_
 def test_chat_template_needs_a_tokenizer_that_has_one(faq_kb, tmp_path, project):
     model_dir = make_local_checkpoint(tmp_path / "plain-model", "gpt2", pretrain_steps=0)
     with pytest.raises(DataError, match="data.chat_template"):
-        prepare(
-            faq_kb, ModelSpec(source="local", path=str(model_dir)), tmp_path / "cache", chat_template=True
-        )
+        prepare(faq_kb, ModelSpec(source="local", path=str(model_dir)), tmp_path / "cache", chat_template=True)
 
     with pytest.raises(ConfigError) as err:
         load(to_container(compose([*project["overrides"], "data=qa", "data.chat_template=true"])))
@@ -98,9 +92,7 @@ def test_chat_template_needs_a_tokenizer_that_has_one(faq_kb, tmp_path, project)
 
 @pytest.mark.slow
 def test_qa_training_runs_end_to_end(project, faq_kb):
-    kept = [
-        o for o in project["overrides"] if not o.startswith(("kb.", "trainer.max_epochs", "data.block_size"))
-    ]
+    kept = [o for o in project["overrides"] if not o.startswith(("kb.", "trainer.max_epochs", "data.block_size"))]
     overrides = [*kept, f"kb.path={faq_kb.settings.path}", "kb.collection=faq", "data=qa", "data.block_size=64",
                  "trainer.max_epochs=1"]  # fmt: skip
     cfg = compose(overrides)

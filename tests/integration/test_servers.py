@@ -85,16 +85,7 @@ def mlflow_server(tmp_path) -> Iterator[str]:
 @pytest.fixture
 def chroma_server(tmp_path) -> Iterator[int]:
     port = free_port()
-    command = [
-        venv_bin("chroma"),
-        "run",
-        "--path",
-        str(tmp_path / "chroma-server"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    command = [venv_bin("chroma"), "run", "--path", str(tmp_path / "chroma-server"), "--host", "127.0.0.1", "--port", str(port)]
     with serve(command, f"http://127.0.0.1:{port}/api/v2/heartbeat", tmp_path / "chroma-server.log"):
         yield port
 

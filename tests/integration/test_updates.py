@@ -122,9 +122,7 @@ def test_update_trains_the_change_records_parent_and_delta_and_never_replays_hel
         if d.get("role") in ("replay", "carried"):
             assert base_hashes[d["id"]] == d["sha256"]  # unchanged since the base
     # Each delta document is trained data.delta_repeat times per view (4 in experiment=update).
-    assert (
-        manifest["splits"]["train"]["documents"] == 4 * update["counts"]["delta"] + update["counts"]["replay"]
-    )
+    assert manifest["splits"]["train"]["documents"] == 4 * update["counts"]["delta"] + update["counts"]["replay"]
     # The update started from the base's weights and tokenizer, and was scored on the three probe sets.
     session = store.get_session(upd.training_session_id)
     assert session.config["base_version"] == "base"

@@ -39,10 +39,7 @@ def test_sentence_shuffle_keeps_every_sentence_once_headings_first_and_is_determ
         assert _sentences(view) == _sentences(DOC)
         assert view.startswith("# Harbour\n\n") and "\n\n## Crew\n\n" in view
         # sentences stay in their own section
-        assert set(re.split(r"(?<=[.!?]) ", view.split("## Crew")[1].strip())) == {
-            "Four people.",
-            "One cook.",
-        }
+        assert set(re.split(r"(?<=[.!?]) ", view.split("## Crew")[1].strip())) == {"Four people.", "One cook."}
     assert shuffle_sentences(DOC, random.Random(3)) == shuffle_sentences(DOC, random.Random(3))
 
 
@@ -97,9 +94,7 @@ def test_question_answer_pairs_come_from_training_documents_only():
     assert len(pairs) >= 4 * 4
     held_out_names = [d.metadata["title"] for d in held_out]
     assert not any(name in question for question, _ in pairs for name in held_out_names)
-    assert all(
-        question.startswith("Question: ") and question.endswith("...\nAnswer: ") for question, _ in pairs
-    )
+    assert all(question.startswith("Question: ") and question.endswith("...\nAnswer: ") for question, _ in pairs)
 
 
 @dataclass
@@ -112,9 +107,7 @@ class Augmented:
     def prepare_dataset(self) -> PreparedData:
         texts = [text for _, text, _ in facts_documents(10)]
         val = np.random.default_rng(0).integers(0, len(self.tokenizer), (4, 32)).astype(np.int32)
-        return PreparedData(
-            val, val, None, None, self.tokenizer, {}, None, augmentation={"texts": texts, "qa": []}
-        )  # type: ignore[arg-type]
+        return PreparedData(val, val, None, None, self.tokenizer, {}, None, augmentation={"texts": texts, "qa": []})  # type: ignore[arg-type]
 
 
 def test_resume_in_the_middle_of_an_augmented_epoch_gives_the_uninterrupted_weights(tokenizer, tmp_path):
@@ -124,15 +117,7 @@ def test_resume_in_the_middle_of_an_augmented_epoch_gives_the_uninterrupted_weig
     from kbtune.progress import ResumeState
     from kbtune.training_loop import CallbackSettings, TrainerSettings, TrainingLoop
 
-    spec = ModelSpec(
-        name="t",
-        n_layer=1,
-        n_head=2,
-        n_embd=32,
-        intermediate_size=64,
-        vocab_size=len(tokenizer),
-        max_position=32,
-    )
+    spec = ModelSpec(name="t", n_layer=1, n_head=2, n_embd=32, intermediate_size=64, vocab_size=len(tokenizer), max_position=32)
     settings = DataSettings(block_size=32, batch_size=2, repack=True, sentence_shuffle=True)
 
     def fit(folder: str, ckpt: str | None = None, stop_at: int | None = None):

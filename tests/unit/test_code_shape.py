@@ -17,11 +17,7 @@ def _modules() -> list[Path]:
 
 
 def test_no_module_over_400_lines():
-    long = {
-        str(p.relative_to(SRC)): n
-        for p in _modules()
-        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
-    }
+    long = {str(p.relative_to(SRC)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
     assert long == {}
 
 
@@ -47,6 +43,4 @@ def test_hydra_is_imported_only_at_the_boundary():
 def test_the_session_folder_layout_lives_in_one_module():
     for path in _modules():
         if path.name != "session_files.py":
-            assert '"last.ckpt"' not in path.read_text() and '"checkpoints"' not in path.read_text(), (
-                path.name
-            )
+            assert '"last.ckpt"' not in path.read_text() and '"checkpoints"' not in path.read_text(), path.name

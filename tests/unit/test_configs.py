@@ -92,10 +92,7 @@ def test_optimizer_is_its_own_node_and_each_model_picks_its_variant(tmp_path):
     assert load(to_container(compose([root, "model=tiny"])))[0].optim.learning_rate == 3e-3
     assert load(to_container(compose([root, "model=tiny", "finetune=lora"])))[0].optim.learning_rate == 2e-4
     # The command line wins over the model's choice.
-    assert (
-        load(to_container(compose([root, "model=tiny", "optim.learning_rate=0.5"])))[0].optim.learning_rate
-        == 0.5
-    )
+    assert load(to_container(compose([root, "model=tiny", "optim.learning_rate=0.5"])))[0].optim.learning_rate == 0.5
 
 
 def test_local_model_needs_a_loadable_directory(tmp_path):

@@ -40,9 +40,7 @@ def test_chunked_head_matches_the_full_logits(architecture, monkeypatch):
     full = token_stats(model(input_ids=ids).logits, labels)
     full.loss.backward()
     expected = grads(model)
-    chunked = head_token_stats(
-        decoder(input_ids=ids).last_hidden_state, head.weight, labels, count_correct=True
-    )
+    chunked = head_token_stats(decoder(input_ids=ids).last_hidden_state, head.weight, labels, count_correct=True)
     chunked.loss.backward()
     got = grads(model)
     assert chunked.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)

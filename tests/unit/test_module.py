@@ -163,10 +163,7 @@ def test_checkpoint_holds_primitives_and_loads_with_weights_only(module, tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    shutil.which("g++") is None,
-    reason="torch.compile on CPU needs a C++ compiler (scripts/test-deps.sh installs g++)",
-)
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler (scripts/test-deps.sh installs g++)")
 def test_a_compiled_training_step_gives_the_eager_loss_gradients_and_checkpoint_keys():
     torch.manual_seed(0)
     eager = CausalLMModule(SPEC.to_dict(), OPTIM)

@@ -30,10 +30,7 @@ def test_automatic_labels_count_only_automatic_ones():
 def test_memory_store_labels_do_not_skip_after_a_custom_label():
     store = InMemoryStore()
     session = store.create_session({"model": {}})
-    labels = [
-        store.create_version(session.id, "memory://x", label, None).version
-        for label in (None, "custom", None)
-    ]
+    labels = [store.create_version(session.id, "memory://x", label, None).version for label in (None, "custom", None)]
     assert labels == ["v1", "custom", "v2"]
     assert store.get_version("v2").id == "3"
 

@@ -22,9 +22,7 @@ from kbtune.session_files import SessionFiles
 from kbtune.training_loop import CallbackSettings, TrainerSettings, TrainingLoop
 
 VOCAB = 128
-SPEC = ModelSpec(
-    name="tiny", n_layer=1, n_head=2, n_embd=32, intermediate_size=64, vocab_size=VOCAB, max_position=32
-)
+SPEC = ModelSpec(name="tiny", n_layer=1, n_head=2, n_embd=32, intermediate_size=64, vocab_size=VOCAB, max_position=32)
 
 
 @dataclass
@@ -87,8 +85,6 @@ def test_fast_dev_run_is_accepted_and_runs_one_batch(tmp_path):
     files = SessionFiles(tmp_path / "session")
     module = CausalLMModule(SPEC.to_dict(), {"learning_rate": 1e-3, "warmup_steps": 1})
     data = KBDataModule(Blocks(DataSettings(block_size=16, batch_size=4)), seed=0)  # type: ignore[arg-type]
-    settings = TrainerSettings(
-        fast_dev_run=True, precision="32-true", accelerator="cpu", enable_progress_bar=False
-    )
+    settings = TrainerSettings(fast_dev_run=True, precision="32-true", accelerator="cpu", enable_progress_bar=False)
     result = TrainingLoop(settings, CallbackSettings(), files.checkpoints).train(module, data, [])
     assert result.global_step == 1

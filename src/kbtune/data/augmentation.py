@@ -66,11 +66,7 @@ def qa_pairs(docs: Sequence[Any], per_document: int, seed: int, qa_prompt: str) 
 
     settings = ProbeSettings(max_per_document=per_document, max_probes=None, n_distractors=0, seed=seed)
     probes = build_probes(docs, {d.id: "train" for d in docs}, settings).probes
-    return [
-        (qa_prompt.format(question=QA_QUESTION.format(prompt=p.prompt)), p.answer)
-        for p in probes
-        if p.kind == "cloze"
-    ]
+    return [(qa_prompt.format(question=QA_QUESTION.format(prompt=p.prompt)), p.answer) for p in probes if p.kind == "cloze"]
 
 
 class EpochViews:
@@ -89,9 +85,7 @@ class EpochViews:
         if not self.qa:
             return []
         prompts = [e.ids for e in backend.encode_batch([q for q, _ in self.qa], add_special_tokens=False)]
-        answers = [
-            e.ids for e in backend.encode_batch([" " + a for _, a in self.qa], add_special_tokens=False)
-        ]
+        answers = [e.ids for e in backend.encode_batch([" " + a for _, a in self.qa], add_special_tokens=False)]
         return [(p + a, [-100] * len(p) + a) for p, a in zip(prompts, answers, strict=True)]
 
     def documents(self, epoch: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -102,9 +96,7 @@ class EpochViews:
         for view in range(epoch * s.views_per_epoch, (epoch + 1) * s.views_per_epoch):
             texts = [shuffle_sentences(t, _rng(self.seed, "sentences", view, i)) if s.sentence_shuffle else t
                      for i, t in enumerate(self.texts)]  # fmt: skip
-            encoded = [
-                e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-            ]
+            encoded = [e.ids for e in self.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
             part = [(ids, ids) for ids in encoded] + self._qa_ids
             if s.repack:
                 _rng(self.seed, "order", view).shuffle(part)
@@ -123,10 +115,7 @@ class EpochViews:
             blocks = pack(ids, eos, 1)[0].reshape(-1)
             label_blocks = pack(labels, eos, 1)[0].reshape(-1)
             n = len(blocks) // block
-            blocks, label_blocks = (
-                blocks[: n * block].reshape(n, block),
-                label_blocks[: n * block].reshape(n, block),
-            )
+            blocks, label_blocks = blocks[: n * block].reshape(n, block), label_blocks[: n * block].reshape(n, block)
         return self._fixed_count(blocks), self._fixed_count(label_blocks)
 
     def _fixed_count(self, array: np.ndarray) -> np.ndarray:

@@ -73,11 +73,7 @@ def chat_turns(docs: Sequence[CleanDoc], tokenizer: Any) -> tuple[list[str], lis
 
 
 def document_blocks(
-    ids: Sequence[Sequence[int]],
-    labels: Sequence[Sequence[int]] | None,
-    eos_id: int,
-    pad_id: int,
-    block_size: int,
+    ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]] | None, eos_id: int, pad_id: int, block_size: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """`data.packing=document`: every block holds one document (or a piece of a long one), after an EOS as
     in packed data, padded to block_size; padding takes no loss (label -100). No token ever sees another
@@ -140,9 +136,7 @@ class SplitBlocks:
         document = settings.packing == "document"
         self.blocks = entry.array(split, np.int32, settings.block_size)
         # Created on the first labelled part: only `qa` and document packing have labels.
-        self._labels_file = lambda: entry.array(
-            f"{split}_labels", np.int64 if document else np.int32, settings.block_size
-        )
+        self._labels_file = lambda: entry.array(f"{split}_labels", np.int64 if document else np.int32, settings.block_size)
         self.labels: TokenFile | None = None
         self.documents = self.tokens = self.padding = 0
 
@@ -152,9 +146,7 @@ class SplitBlocks:
             part = docs[start : start + s.tokenize_batch]
             ids, labels = tokenize_documents(part, self.tokenizer, s)
             if s.packing == "document":
-                blocks, label_blocks, padding = document_blocks(
-                    ids, labels or None, eos, self.pad, s.block_size
-                )
+                blocks, label_blocks, padding = document_blocks(ids, labels or None, eos, self.pad, s.block_size)
                 self.padding += padding
                 self.tokens += sum(len(x) + 2 for x in ids)
                 self._append(blocks, label_blocks)

@@ -35,11 +35,7 @@ class KnowledgeReport:
         return worst_trained(self.documents, n)
 
     def to_dict(self, worst: int = 10) -> dict[str, Any]:
-        return {
-            **self.metrics,
-            "knowledge/notes": self.notes,
-            "knowledge/worst_trained": self.worst_trained(worst),
-        }
+        return {**self.metrics, "knowledge/notes": self.notes, "knowledge/worst_trained": self.worst_trained(worst)}
 
 
 def worst_trained(documents: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -117,14 +113,9 @@ class KnowledgeEvaluation:
 
         session = self.store.get_session(session_id)
         manifest = json.loads(self.store.read_text(session_id, "data/manifest.json"))
-        data = DataSettings(
-            **{k: v for k, v in (session.config.get("data") or {}).items() if k != "cache_dir"}
-        )
+        data = DataSettings(**{k: v for k, v in (session.config.get("data") or {}).items() if k != "cache_dir"})
         kb = self._session_kb(session.config, manifest["collection"])
-        docs = [
-            *load_documents_for_split(kb, manifest, data, "train"),
-            *load_documents_for_split(kb, manifest, data, "val"),
-        ]
+        docs = [*load_documents_for_split(kb, manifest, data, "train"), *load_documents_for_split(kb, manifest, data, "val")]
         return docs, data.block_size
 
     def _session_kb(self, config: dict[str, Any], collection: str) -> Any:
@@ -142,9 +133,7 @@ class KnowledgeEvaluation:
             return self.kb.with_settings(collection=collection, where=own.where)
         return KnowledgeBase.connect(own)
 
-    def probe_set(
-        self, session_id: str, settings: ProbeSettings, docs: list[Any], record: bool = True
-    ) -> ProbeSet:
+    def probe_set(self, session_id: str, settings: ProbeSettings, docs: list[Any], record: bool = True) -> ProbeSet:
         """The session's probes for `settings`: read back if stored (so every version of the session is
         scored on the same probes), else built from `docs` and stored."""
         digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:12]
@@ -177,10 +166,7 @@ class KnowledgeEvaluation:
         texts = {d.id: d.formatted for d in docs if d.id in probed}
         after = self._score(model, tokenizer, probes, texts, block_size, settings)
         before = self._score(start, tokenizer, probes, texts, block_size, settings)
-        metrics = {
-            **_prefixed(after["metrics"], "knowledge/"),
-            **_prefixed(before["metrics"], "knowledge/start/"),
-        }
+        metrics = {**_prefixed(after["metrics"], "knowledge/"), **_prefixed(before["metrics"], "knowledge/start/")}
         if roles:
             # An update: did it learn the change (delta), keep the rest (unchanged; its start is the
             # parent version, so start - after is what the update forgot)?
@@ -211,9 +197,7 @@ class KnowledgeEvaluation:
 
         spec = ModelSpec.from_dict(json.loads((Path(directory) / SPEC_FILE).read_text()))
         if spec.source == "scratch":
-            spec = replace(
-                spec, architecture=spec.architecture if spec.architecture in ("llama", "gpt2") else "llama"
-            )
+            spec = replace(spec, architecture=spec.architecture if spec.architecture in ("llama", "gpt2") else "llama")
         return build_model(replace(spec, lora=None, gradient_checkpointing=False)).eval()
 
     @staticmethod
@@ -226,9 +210,7 @@ class KnowledgeEvaluation:
         return {"metrics": knowledge_metrics(results), "documents": document_report(results), "losses": losses,
                 "results": results}  # fmt: skip
 
-    def _forgetting(
-        self, model: Any, start: Any, tokenizer: Any, directory: Path, settings: Any
-    ) -> float | str | None:
+    def _forgetting(self, model: Any, start: Any, tokenizer: Any, directory: Path, settings: Any) -> float | str | None:
         """Relative change of perplexity on the retain set, trained vs starting model."""
         from kbtune.knowledge.scoring import text_perplexity
         from kbtune.model_manager import SPEC_FILE
@@ -260,9 +242,7 @@ class KnowledgeEvaluation:
         self.store.update_version_metrics(mv.id, report.metrics)
         self.store.log_text(mv.training_session_id, json.dumps(report.documents, indent=1), REPORT_ARTIFACT)
         if report.notes:
-            self.store.set_tags(
-                mv.training_session_id, {RETAIN_TAG: report.notes.get("retain_perplexity_change", "")}
-            )
+            self.store.set_tags(mv.training_session_id, {RETAIN_TAG: report.notes.get("retain_perplexity_change", "")})
 
 
 def _document_rows(probes: ProbeSet, after: dict[str, Any], before: dict[str, Any]) -> list[dict[str, Any]]:

@@ -104,9 +104,7 @@ def facts_documents(n: int, seed: int = 0) -> list[tuple[str, str, dict[str, str
     return [entity_document(e) for e in generate_entities(n, seed)]
 
 
-def plant_facts(
-    kb: Any, n: int, seed: int = 0, embed: Callable[[list[str]], list[list[float]]] | None = None
-) -> int:
+def plant_facts(kb: Any, n: int, seed: int = 0, embed: Callable[[list[str]], list[list[float]]] | None = None) -> int:
     """Write `n` entity documents into `kb`'s collection (created if missing); returns how many. The
     facts are invented, so what a model recalls of them it can only have learned from this KB."""
     from kbtune.ingestion import default_embedder

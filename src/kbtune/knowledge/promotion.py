@@ -91,10 +91,7 @@ class GatedPromotion:
         """Both versions scored on the candidate's probes (the incumbent may have trained on other
         documents: the question is what the candidate's knowledge base asks)."""
         report = self.evaluation.evaluate(candidate.id, settings, record=True)
-        row = {
-            "version": candidate.version,
-            "recall_trained": report.metrics.get("knowledge/recall_trained", 0.0),
-        }
+        row = {"version": candidate.version, "recall_trained": report.metrics.get("knowledge/recall_trained", 0.0)}
         if "knowledge/retain_perplexity_change" in report.metrics:
             row["retain_perplexity_change"] = report.metrics["knowledge/retain_perplexity_change"]
         figures = {"candidate": row}

@@ -79,9 +79,7 @@ class ModelSpec:
             p.append(f"model.dtype: must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         elif self.dtype != "float32" and self.lora is None:
             # The optimizer would update half-precision weights directly and lose small updates.
-            p.append(
-                f"model.dtype: {self.dtype} is for a frozen base under LoRA (add finetune=lora); full fine-tuning needs float32"
-            )
+            p.append(f"model.dtype: {self.dtype} is for a frozen base under LoRA (add finetune=lora); full fine-tuning needs float32")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"model.dropout: must be in [0, 1), got {self.dropout}")
         if self.lora is not None:
@@ -100,11 +98,7 @@ class ModelSpec:
         read = {"architecture": "model_type", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
                 "n_embd": "hidden_size", "intermediate_size": "intermediate_size", "vocab_size": "vocab_size",
                 "max_position": "max_position_embeddings"}  # fmt: skip
-        found = {
-            key: getattr(config, attr)
-            for key, attr in read.items()
-            if getattr(config, attr, None) is not None
-        }
+        found = {key: getattr(config, attr) for key, attr in read.items() if getattr(config, attr, None) is not None}
         return replace(self, **found)
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,16 +132,10 @@ def local_dir_problems(path: str | None, trust_remote_code: bool = False) -> lis
     if not any(d.glob("*.safetensors")):
         # Pickled weights can run arbitrary code when loaded: never fall back to them.
         pickled = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        hint = (
-            f" (only pickle weights found: {', '.join(sorted(pickled)[:3])}; convert them to safetensors)"
-            if pickled
-            else ""
-        )
+        hint = f" (only pickle weights found: {', '.join(sorted(pickled)[:3])}; convert them to safetensors)" if pickled else ""
         problems.append(f"model.path: {path} has no *.safetensors weights{hint}")
     if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        problems.append(
-            f"model.path: {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json) beside the weights"
-        )
+        problems.append(f"model.path: {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json) beside the weights")
     if not trust_remote_code:
         for name in ("config.json", "tokenizer_config.json"):
             auto_map = (_read_json(d / name) or {}).get("auto_map")
@@ -177,9 +165,7 @@ def local_context_length(path: str) -> int | None:
     return None
 
 
-def train_bpe_tokenizer(
-    texts: Iterable[str], vocab_size: int, cache_dir: Path, fingerprint: str | None = None
-) -> Any:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, cache_dir: Path, fingerprint: str | None = None) -> Any:
     """Byte-level BPE trained on `texts`, cached by `fingerprint` (default: a digest of the texts, which
     must then be a sequence) and the vocab size. A streamed corpus (corpus.TrainingCorpus) brings its
     fingerprint, so a cached tokenizer is found without reading its texts."""
@@ -207,12 +193,7 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts) if isinstance(texts, Sized) else None)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=SPECIAL_TOKENS[0],
-        bos_token=SPECIAL_TOKENS[0],
-        pad_token=SPECIAL_TOKENS[1],
-    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL_TOKENS[0], bos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[1])
     tmp = directory.with_name(directory.name + ".tmp")
     wrapped.save_pretrained(str(tmp))
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -253,9 +234,8 @@ class TokenizerProvider:
         if self.spec.source == "local":
             self.tokenizer = load_local_tokenizer(str(self.spec.path), self.spec.trust_remote_code)
         else:
-            self.tokenizer = train_bpe_tokenizer(
-                train_texts, self.spec.vocab_size, self.cache_dir, getattr(train_texts, "fingerprint", None)
-            )
+            self.tokenizer = train_bpe_tokenizer(train_texts, self.spec.vocab_size, self.cache_dir,
+                                                 getattr(train_texts, "fingerprint", None))
         return self.tokenizer
 
     def resolved_spec(self) -> ModelSpec:
@@ -290,9 +270,7 @@ def build_model(spec: ModelSpec) -> Any:
             model = AutoModelForCausalLM.from_config(scratch_config(spec)).to(dtype)
     if spec.gradient_checkpointing:
         # transformers 5 renamed it (the old name warns); 4.x only has the old one.
-        enable = (
-            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        )
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
         model.config.use_cache = False
     return model

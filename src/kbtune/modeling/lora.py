@@ -111,9 +111,7 @@ def apply_lora(model: Any, spec: LoraSpec) -> Any:
         # GPT-2's Conv1D stores weights transposed (in, out); peft must know to adapt them right.
         fan_in_fan_out=any(_adaptable_layers(model)[t] == "Conv1D" for t in targets),
     )
-    if getattr(model, "is_activation_checkpointing", None) or getattr(
-        model, "is_gradient_checkpointing", False
-    ):
+    if getattr(model, "is_activation_checkpointing", None) or getattr(model, "is_gradient_checkpointing", False):
         # With the embeddings frozen, reentrant checkpointing would see inputs without grad and skip
         # the adapters' backward; this makes the embedding output require grad.
         model.enable_input_require_grads()

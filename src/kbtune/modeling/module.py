@@ -18,9 +18,7 @@ from kbtune.modeling.optim import OptimSettings, lr_lambda
 
 
 class CausalLMModule(pl.LightningModule):
-    def __init__(
-        self, model_spec: dict[str, Any], optim: dict[str, Any] | None = None, compile: bool = False
-    ):
+    def __init__(self, model_spec: dict[str, Any], optim: dict[str, Any] | None = None, compile: bool = False):
         super().__init__()
         # Plain dicts only: the checkpoint stays loadable with weights_only=True. Not logged: the
         # session's run already holds the full resolved config as params and an artifact.
@@ -110,10 +108,7 @@ class CausalLMModule(pl.LightningModule):
         )
         # LearningRateMonitor logs `<scheduler name>/<param group name>`: train/lr (and the same rate of
         # the group without weight decay as train/lr_no_decay).
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train"},
-        }
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train"}}
 
     def _fused_ok(self) -> bool:
         single_or_ddp = type(self.trainer.strategy).__name__ in ("SingleDeviceStrategy", "DDPStrategy")

@@ -19,7 +19,6 @@ from kbtune.tracking.store import SWEEP_TAG, NotFoundError, available_versions, 
 
 logger = logging.getLogger(__name__)
 
-
 class MlflowStore:
     def __init__(
         self,
@@ -89,9 +88,7 @@ class MlflowStore:
         params = [Param(k, v) for k, v in rs.flatten(config).items()]
         for start in range(0, len(params), 100):
             self.client.log_batch(run_id, params=params[start : start + 100])
-        logger.info(
-            "session %s created (run %r in experiment %r)", run_id, run.info.run_name, self.experiment_name
-        )
+        logger.info("session %s created (run %r in experiment %r)", run_id, run.info.run_name, self.experiment_name)
         return self.get_session(run_id)
 
     def _sweep_run(self, sweep: str) -> str | None:
@@ -103,10 +100,7 @@ class MlflowStore:
 
         def oldest() -> Any:
             found = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=query,
-                order_by=["attributes.start_time ASC"],
-                max_results=1,
+                [self.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1
             )
             return found[0] if found else None
 
@@ -114,9 +108,7 @@ class MlflowStore:
         if existing is not None:
             return existing.info.run_id
         name = "sweep " + "/".join(Path(sweep).parts[-2:])
-        run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={SWEEP_TAG: sweep, rs.SWEEP_PARENT_TAG: sweep}
-        )
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={SWEEP_TAG: sweep, rs.SWEEP_PARENT_TAG: sweep})
         winner = oldest()
         if winner.info.run_id != run.info.run_id:
             self.client.delete_run(run.info.run_id)
@@ -131,9 +123,7 @@ class MlflowStore:
         except MlflowException as exc:
             raise NotFoundError(f"training session {session_id!r} not found") from exc
         if run.info.experiment_id != self.experiment_id:
-            raise NotFoundError(
-                f"training session {session_id!r} not found in experiment {self.experiment_name!r}"
-            )
+            raise NotFoundError(f"training session {session_id!r} not found in experiment {self.experiment_name!r}")
         return run
 
     def _load_text(self, uri: str) -> str:
@@ -144,18 +134,12 @@ class MlflowStore:
         import mlflow
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=tmp, tracking_uri=self.tracking_uri
-            )
+            path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=self.tracking_uri)
             return Path(path).read_text(encoding="utf-8")
 
     def _session(self, run: Any) -> TrainingSession:
         tags = run.data.tags
-        status = (
-            SessionStatus(tags[rs.STATUS_TAG])
-            if rs.STATUS_TAG in tags
-            else rs._FROM_RUN_STATUS.get(run.info.status, SessionStatus.FAILED)
-        )
+        status = SessionStatus(tags[rs.STATUS_TAG]) if rs.STATUS_TAG in tags else rs._FROM_RUN_STATUS.get(run.info.status, SessionStatus.FAILED)
         try:
             config = json.loads(self._load_text(f"{run.info.artifact_uri}/{rs.CONFIG_ARTIFACT}"))
         except Exception:  # a run not created by kbtune, or its artifact not written yet
@@ -204,9 +188,7 @@ class MlflowStore:
         if error is not None:
             if len(error) > MAX_TAG_VAL_LENGTH:
                 self.client.log_text(session_id, error, rs.ERROR_ARTIFACT)
-                error = (
-                    error[: MAX_TAG_VAL_LENGTH - 60] + f"\n...(truncated; full text in {rs.ERROR_ARTIFACT})"
-                )
+                error = error[: MAX_TAG_VAL_LENGTH - 60] + f"\n...(truncated; full text in {rs.ERROR_ARTIFACT})"
             tags[rs.ERROR_TAG] = error
         if completed_at is not None:
             tags[rs.COMPLETED_TAG] = completed_at.isoformat()
@@ -276,15 +258,7 @@ class MlflowStore:
         monitor.start()
         return monitor
 
-    def log_input(
-        self,
-        session_id: str,
-        name: str,
-        digest: str,
-        source: str,
-        profile: dict[str, Any],
-        schema: dict[str, Any],
-    ) -> None:
+    def log_input(self, session_id: str, name: str, digest: str, source: str, profile: dict[str, Any], schema: dict[str, Any]) -> None:
         """Record the prepared data as the run's input dataset (shown in the MLflow UI)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
@@ -292,9 +266,7 @@ class MlflowStore:
             name=name, digest=digest, source_type="chroma", source=json.dumps({"uri": source}),
             schema=json.dumps(schema), profile=json.dumps(profile),
         )  # fmt: skip
-        self.client.log_inputs(
-            session_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])]
-        )
+        self.client.log_inputs(session_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])])
 
     # -- model versions -------------------------------------------------------------------------
     def _version(self, mv: Any, aliases: dict[str, int] | None = None) -> ModelVersion:
@@ -343,9 +315,7 @@ class MlflowStore:
         tags = {rs.LABEL_TAG: label or ""}
         if metrics:
             tags[rs.METRICS_TAG] = json.dumps(metrics, sort_keys=True)
-        mv = self.client.create_model_version(
-            self.registered_model, source=source, run_id=session_id, tags=tags
-        )
+        mv = self.client.create_model_version(self.registered_model, source=source, run_id=session_id, tags=tags)
         number = int(mv.version)
         if label:
             rivals = [
@@ -365,14 +335,9 @@ class MlflowStore:
         number keeps it and the other takes the next (lock-free, like labels)."""
         for _ in range(100):
             others = [o for o in self._all_versions() if int(o.version) != number]
-            label = next_auto_label(
-                [(o.tags or {}).get(rs.LABEL_TAG) or "" for o in others if int(o.version) < number]
-            )
+            label = next_auto_label([(o.tags or {}).get(rs.LABEL_TAG) or "" for o in others if int(o.version) < number])
             self.client.set_model_version_tag(self.registered_model, str(number), rs.LABEL_TAG, label)
-            if not any(
-                (o.tags or {}).get(rs.LABEL_TAG) == label and int(o.version) < number
-                for o in self._all_versions()
-            ):
+            if not any((o.tags or {}).get(rs.LABEL_TAG) == label and int(o.version) < number for o in self._all_versions()):
                 return
 
     def get_version(self, ref: str) -> ModelVersion:
@@ -396,9 +361,7 @@ class MlflowStore:
         match = next((mv for mv in versions if int(mv.version) == number), None)
         if match is None:
             hint = available_versions([self._version(mv, aliases).version for mv in versions], list(aliases))
-            raise NotFoundError(
-                f"model version {ref!r} not found in {self.registered_model!r} (available: {hint})"
-            )
+            raise NotFoundError(f"model version {ref!r} not found in {self.registered_model!r} (available: {hint})")
         try:
             return self._version(self.client.get_model_version(self.registered_model, str(number)), aliases)
         except MlflowException as exc:  # deleted between the listing and now
@@ -411,9 +374,7 @@ class MlflowStore:
     def update_version_metrics(self, version_id: str, metrics: dict[str, float]) -> ModelVersion:
         current = self.get_version(version_id)
         merged = {**(current.metrics or {}), **metrics}
-        self.client.set_model_version_tag(
-            self.registered_model, current.id, rs.METRICS_TAG, json.dumps(merged, sort_keys=True)
-        )
+        self.client.set_model_version_tag(self.registered_model, current.id, rs.METRICS_TAG, json.dumps(merged, sort_keys=True))
         return self.get_version(current.id)
 
     def set_alias(self, version_id: str, alias: str) -> None:
@@ -435,8 +396,4 @@ class MlflowStore:
             return Path(url2pathname(parsed.path))
         if dst is not None:
             dst.mkdir(parents=True, exist_ok=True)
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(dst) if dst else None, tracking_uri=self.tracking_uri
-            )
-        )
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst) if dst else None, tracking_uri=self.tracking_uri))
