@@ -95,9 +95,7 @@ class TrainingService:
         """The prepared data, and the checks only the data can answer (ConfigError before any session
         exists): the validation interval against the epoch's batches, and a checkpoint to start from
         against the model and block size this plan trains."""
-        preparation = DataPreparation(
-            kb, plan.data, TokenizerProvider(plan.model, cache_dir), cache_dir, plan.update
-        )
+        preparation = DataPreparation(kb, plan.data, TokenizerProvider(plan.model, cache_dir), cache_dir, plan.update)
         preparation.prepare_dataset()
         problems = schedule_problems(plan, preparation)
         if plan.ckpt_path and plan.ckpt_path != "last":

@@ -33,9 +33,7 @@ def test_two_process_cpu_ddp_records_one_session_and_one_version(tmp_path, small
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    store = MlflowStore(
-        f"sqlite:///{tmp_path}/mlruns/mlflow.db", artifact_location=f"{tmp_path}/mlruns/artifacts"
-    )
+    store = MlflowStore(f"sqlite:///{tmp_path}/mlruns/mlflow.db", artifact_location=f"{tmp_path}/mlruns/artifacts")
     sessions = store.list_sessions()
     assert len(sessions) == 1, [(s.id, s.status) for s in sessions]
     session = sessions[0]
@@ -48,9 +46,7 @@ def test_two_process_cpu_ddp_records_one_session_and_one_version(tmp_path, small
     manifest = json.loads(store.read_text(session.id, "data/manifest.json"))
     per_rank = manifest["splits"]["train"]["blocks"] // 2
     last = tmp_path / "sessions" / session.id / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2 * math.ceil(
-        per_rank / 8
-    )
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2 * math.ceil(per_rank / 8)
     # One run's metric stream: validation logged once per epoch, by rank zero only.
     assert len(store.metric_history(session.id, "val/loss")) == 2
     # Rank zero's prepared data is the only cache entry (`sources` indexes it): the other rank reused it,

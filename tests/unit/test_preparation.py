@@ -113,10 +113,7 @@ def test_cache_hit_when_nothing_changed_and_new_key_when_one_document_changes(tm
 
 
 def test_manifest_records_hashes_drops_and_token_counts(tmp_path):
-    docs = [Document(f"d{i:03d}", text(i)) for i in range(40)] + [
-        Document("dup", text(3)),
-        Document("blank", "  "),
-    ]
+    docs = [Document(f"d{i:03d}", text(i)) for i in range(40)] + [Document("dup", text(3)), Document("blank", "  ")]
     kb = make_kb(tmp_path, docs)
     data = preparation(kb, tmp_path).prepare_dataset()
     m = json.loads(data.manifest_text())
@@ -127,9 +124,7 @@ def test_manifest_records_hashes_drops_and_token_counts(tmp_path):
 
 # -- formatting ----------------------------------------------------------------------------------
 def test_template_can_use_metadata_and_counts_missing_fields(tmp_path):
-    docs = [Document(f"d{i:03d}", text(i), {"title": f"Title {i}"}) for i in range(30)] + [
-        Document("untitled", text(99))
-    ]
+    docs = [Document(f"d{i:03d}", text(i), {"title": f"Title {i}"}) for i in range(30)] + [Document("untitled", text(99))]
     kb = make_kb(tmp_path, docs)
     data = preparation(kb, tmp_path, template="# {title}\n\n{text}").prepare_dataset()
     assert data.manifest["drops"] == {"missing_field:title": 1}
@@ -139,11 +134,7 @@ def test_template_can_use_metadata_and_counts_missing_fields(tmp_path):
 
 def test_qa_format_masks_the_prompt(tmp_path):
     docs = [
-        Document(
-            f"q{i:02d}",
-            f"## Q: question {i}?\n\nanswer {i}",
-            {"question": f"How does {WORDS[i % 12]} work?", "answer": text(i, 20)},
-        )
+        Document(f"q{i:02d}", f"## Q: question {i}?\n\nanswer {i}", {"question": f"How does {WORDS[i % 12]} work?", "answer": text(i, 20)})
         for i in range(40)
     ] + [Document("plain", text(1))]
     kb = make_kb(tmp_path, docs)
@@ -187,11 +178,7 @@ class ReadyTokenizer:
 def mixed_docs() -> list[Document]:
     docs = [Document(f"d{i:03d}", text(i), {"title": f"T{i}", "question": f"Q{i}?", "answer": text(i, 12)})
             for i in range(50)]  # fmt: skip
-    return docs + [
-        Document("dup", text(7)),
-        Document("blank", " \n "),
-        Document("messy", "a  b\r\n\n\n\nc  " + text(3)),
-    ]
+    return docs + [Document("dup", text(7)), Document("blank", " \n "), Document("messy", "a  b\r\n\n\n\nc  " + text(3))]
 
 
 @pytest.mark.parametrize(
@@ -268,9 +255,7 @@ def test_the_rerun_notices_a_swap_that_keeps_the_count_and_an_edit(tmp_path):
     kb.upsert([Document("d020", text(20) + " edited")], [[0.0, 1.0]])
     edited = preparation(kb, tmp_path).prepare_dataset()
     assert not edited.cached
-    assert (
-        len({first.manifest["cache_key"], swapped.manifest["cache_key"], edited.manifest["cache_key"]}) == 3
-    )
+    assert len({first.manifest["cache_key"], swapped.manifest["cache_key"], edited.manifest["cache_key"]}) == 3
     assert preparation(kb, tmp_path).prepare_dataset().manifest["cache_key"] == edited.manifest["cache_key"]
 
 

@@ -25,7 +25,6 @@ from kbtune.knowledge_base import KnowledgeBase
 
 logger = logging.getLogger(__name__)
 
-
 def reads_metadata(s: DataSettings) -> bool:
     """Whether the formatted text depends on metadata (template fields, question/answer)."""
     return not (s.format == "text" and s.template == "{text}")
@@ -55,9 +54,7 @@ class CorpusDigest:
         self._texts.update("".join(texts).encode("utf-8"))  # type: ignore[arg-type]
         if self.with_metadata:
             for meta in metadatas or [None] * len(ids):
-                self._metadata.update(
-                    json.dumps(meta or {}, sort_keys=True, default=str).encode("utf-8") + b"\n"
-                )
+                self._metadata.update(json.dumps(meta or {}, sort_keys=True, default=str).encode("utf-8") + b"\n")
         self.count += len(ids)
 
     def hexdigest(self) -> str:
@@ -93,9 +90,7 @@ def training_texts_fingerprint(s: DataSettings, digest: str) -> str:
     them count (the split and the format), not block_size or packing, which change the blocks but
     not the texts, so a tokenizer trained on them is found again whatever the blocks."""
     fields = {k: getattr(s, k) for k in ("val_fraction", "split_seed", "format", "template", "qa_prompt")}
-    return hashlib.sha256(
-        json.dumps(["training-texts-v1", fields, digest], sort_keys=True).encode()
-    ).hexdigest()
+    return hashlib.sha256(json.dumps(["training-texts-v1", fields, digest], sort_keys=True).encode()).hexdigest()
 
 
 class TrainingTexts(list):
@@ -134,12 +129,7 @@ class SourceIndex:
     def __init__(self, cache_dir: Path, kb: KnowledgeBase, s: DataSettings):
         self.kb = kb
         name = json.dumps([kb.settings.describe(), kb.settings.where, s.fingerprint_fields()], sort_keys=True)
-        self.path = (
-            Path(cache_dir)
-            / "datasets"
-            / "sources"
-            / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.json"
-        )
+        self.path = Path(cache_dir) / "datasets" / "sources" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.json"
 
     def candidate_ids(self) -> list[str] | None:
         """The ids the last preparation read, when the collection still holds as many documents

@@ -139,9 +139,7 @@ class DataPreparation:
         index.remember(key, len(ids))
         return hit
 
-    def _stream_blocks(
-        self, ids: list[str], tokenizer: Any, entry: PendingEntry
-    ) -> tuple[dict[str, Any], DocumentRecords, str, Counter]:
+    def _stream_blocks(self, ids: list[str], tokenizer: Any, entry: PendingEntry) -> tuple[dict[str, Any], DocumentRecords, str, Counter]:
         """One pass: every page read, digested, cleaned, formatted, split, tokenized and dropped."""
         from kbtune.data import corpus
 
@@ -152,10 +150,7 @@ class DataPreparation:
         with tokenizer_parallelism():
             for page_ids, texts, metas in self.kb.iter_raw(ids, metadata=digest.with_metadata):
                 digest.add_page(page_ids, texts, metas)
-                page = [
-                    Document(i, t, metas[k] or {} if metas else {})
-                    for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))
-                ]
+                page = [Document(i, t, metas[k] or {} if metas else {}) for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))]
                 kept = cleaner.clean(page)
                 for doc in kept:
                     records.add(doc)
@@ -164,9 +159,9 @@ class DataPreparation:
         return self._finish(splits), records, digest.hexdigest(), cleaner.drops
 
     def _prepare_in_memory(self) -> PreparedData:
-        t0 = time.perf_counter()
         from kbtune.data import corpus
 
+        t0 = time.perf_counter()
         docs, drops, digest = self._collect()
         train_docs = [d for d in docs if d.split == "train"]
         val_docs = [d for d in docs if d.split == "val"]
@@ -242,9 +237,7 @@ class DataPreparation:
                     f"block of {s.block_size}; lower data.block_size or add documents to {self.kb.settings.describe()}"
                 )
 
-    def _load_cached(
-        self, key: str, tokenizer: Any, t0: float, drops: Counter | None = None
-    ) -> PreparedData | None:
+    def _load_cached(self, key: str, tokenizer: Any, t0: float, drops: Counter | None = None) -> PreparedData | None:
         directory = self.cache_dir / "datasets" / key
         if not (directory / "manifest.json").exists():
             return None
@@ -323,18 +316,12 @@ class DataPreparation:
         h = self._key_prefix(tokenizer)
         for d in docs:
             # The formatted text covers template fields drawn from metadata, not only the body.
-            h.update(
-                f"{d.id}\0{d.split}\0{d.sha256}\0{d.role}\0".encode()
-                if d.role
-                else f"{d.id}\0{d.split}\0{d.sha256}\0".encode()
-            )
+            h.update(f"{d.id}\0{d.split}\0{d.sha256}\0{d.role}\0".encode() if d.role else f"{d.id}\0{d.split}\0{d.sha256}\0".encode())
             h.update(hashlib.sha256((d.prompt + "\0" + d.formatted).encode()).digest())
         return h.hexdigest()[:24]
 
 
-def load_documents_for_split(
-    kb: KnowledgeBase, manifest: dict[str, Any], settings: DataSettings, split: str = "val"
-) -> list[CleanDoc]:
+def load_documents_for_split(kb: KnowledgeBase, manifest: dict[str, Any], settings: DataSettings, split: str = "val") -> list[CleanDoc]:
     """Rebuild a split exactly from a manifest: the same ids, checked against their content hashes,
     cleaned and formatted as in training."""
     wanted = [d for d in manifest["documents"] if d["split"] == split]
