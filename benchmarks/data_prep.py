@@ -99,9 +99,10 @@ def chroma_open(kb: dict[str, str]) -> dict[str, float]:
 
     t0 = time.perf_counter()
     knowledge_base = KnowledgeBase.connect(KBSettings(path=kb["path"], collection=kb["collection"]))
+    connected = time.perf_counter() - t0
     ids = knowledge_base.list_ids()
     next(knowledge_base.iter_raw(ids), None)
-    return {"seconds": time.perf_counter() - t0, "documents": len(ids), "array_bytes": 0}
+    return {"seconds": time.perf_counter() - t0, "connect_seconds": connected, "documents": len(ids), "array_bytes": 0}
 
 
 def array_bytes(prepared: Any) -> int:

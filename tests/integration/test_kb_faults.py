@@ -5,6 +5,7 @@ and the store's files are left exactly as they were."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kbtune.knowledge_base import STORE_FILE, KBSettings, KnowledgeBase, KnowledgeBaseUnavailable
+from kbtune.knowledge_base import STORE_FILE, KBSettings, KnowledgeBase, KnowledgeBaseUnavailable, probe_store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,6 +121,32 @@ def test_a_corrupted_store_is_named_and_left_untouched(kb_copy, damage, reason):
     ) as err:
         list(KnowledgeBase.connect(KBSettings(path=str(path), collection=collection)).iter_documents())
     assert reason in str(err.value)
+    assert digests(path) == before
+
+
+def test_a_store_unchanged_since_its_clean_check_is_not_read_again_and_a_damaged_one_is(kb_copy, tmp_path,
+                                                                                        monkeypatch):  # fmt: skip
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path, collection = kb_copy
+    store, settings = path / STORE_FILE, KBSettings(path=str(path), collection=collection)
+    assert probe_store(store, 5.0) is True  # never checked: quick_check runs
+    expected = KnowledgeBase.connect(settings).count()  # checked, opened (Chroma writes), stamped
+    assert probe_store(store, 5.0) is False
+    # A fresh process: its client start writes to the store again, and restamps it.
+    opened = subprocess.run([sys.executable, "-c", "import sys; from kbtune.knowledge_base import KBSettings, "
+                             "KnowledgeBase; print(KnowledgeBase.connect(KBSettings(path=sys.argv[1], "
+                             "collection=sys.argv[2])).count())", str(path), collection],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert opened.stdout.split() == [str(expected)], opened.stderr[-2000:]
+    assert probe_store(store, 5.0) is False
+    # Damage from outside SQLite, with the modification time put back: still seen, and named.
+    st = store.stat()
+    _damaged_page(100_000)(store)
+    os.utime(store, ns=(st.st_atime_ns, st.st_mtime_ns))
+    before = digests(path)
+    for _ in range(2):  # and not forgotten after the first failure
+        with pytest.raises(KnowledgeBaseUnavailable, match=f"the Chroma store {store} is corrupted"):
+            KnowledgeBase.connect(settings)
     assert digests(path) == before
 
 

@@ -281,6 +281,12 @@ def test_the_corpus_digest_ignores_page_ends_but_not_where_one_document_ends():
 
     whole = digest((["a", "b", "c"], ["x", "yy", None]))
     assert digest((["a"], ["x"]), (["b", "c"], ["yy", None])) == whole
+    # Ids and texts of other lengths, cut at every place (a digest mixing the two lengths per page
+    # once depended on kb.page_size).
+    ids, texts = ["d1", "doc22", "x", "d4444"], ["first text", "", None, "the fourth"]
+    pages = [digest(*((ids[a:b], texts[a:b]) for a, b in zip((0, *cut), (*cut, 4), strict=True) if a < b))
+             for cut in ((), (1,), (2,), (1, 3), (1, 2, 3))]  # fmt: skip
+    assert len(set(pages)) == 1
     assert digest((["a", "b", "c"], ["xy", "y", None])) != whole  # the same characters, cut elsewhere
     assert digest((["a", "bc", ""], ["x", "yy", None])) != whole
     assert digest((["a", "b", "c"], ["x", "yy", ""])) != whole  # no text is not empty text
