@@ -13,7 +13,8 @@ Every run starts with the store file in the page cache (read sequentially first,
 machine's page cache is reclaimed between runs, and a store read cold is bound by random reads of the
 disk (~3 MB/s here), which would time the disk, not the preparation. The store's integrity stamps
 (kbtune.store_checks) live in the scratch folder: the first open of the run pays SQLite's full
-quick_check, and later opens find the store unchanged.
+quick_check; a later open finds the store unchanged unless another Chroma client opened it in
+between (Chroma writes to the store at every start): the raw limit's does.
 
 One round by default (each run takes minutes at this size; --rounds N for more); --quick uses 5,000
 documents instead of 1,000,000.
@@ -131,7 +132,10 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
     opening = f"open the store, {size:,} docs"
     rows += [
         harness.row("data_scale", opening, "first_open", "time", "s", harness.summary([chroma_open["connect_seconds"]])),
-        harness.row("data_scale", opening, "kbtune_cached", "project open", "s", s["kbtune_cached"]["open_seconds"]),
+        harness.row("data_scale", opening, "kbtune_first_run", "project open, store unchanged", "s",
+                    harness.summary([first["open_seconds"]])),
+        harness.row("data_scale", opening, "kbtune_cached", "project open, after another client", "s",
+                    s["kbtune_cached"]["open_seconds"]),
     ]  # fmt: skip
     speed = harness.ratio(s, "kbtune", "raw_limit", "tokens_per_s")
     # The printed figures' ratio: the medians of the two rows.
@@ -171,8 +175,10 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
         harness.readme_row(
             f"opening the store, {size:,} docs ({store.stat().st_size / 1e9:.1f} GB)",
             f"first open {harness.num(chroma_open['connect_seconds'])} s (SQLite's quick_check over the whole "
-            f"file); opening the project again with the store unchanged since that check: "
-            f"{harness.num(m['kbtune_cached']['open_seconds'])} s (Hydra, the MLflow store and Chroma included)",
+            f"file); opening the project (Hydra, the MLflow store, Chroma) with the store unchanged since that "
+            f"check: {harness.num(first['open_seconds'])} s; the cached reruns' opens: "
+            f"{harness.num(m['kbtune_cached']['open_seconds'])} s (the check runs again when another Chroma "
+            f"client, such as the raw limit's, opened the store in between: Chroma writes to it at every start)",
         ),
     ]  # fmt: skip
     details = {"documents": samples["raw_limit"][0]["documents"], "tokens": tokens, "kb": kb,
