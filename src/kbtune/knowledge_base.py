@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import sqlite3
-from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -230,29 +228,28 @@ class KnowledgeBase:
             yield [Document(i, t, dict(metas[k] or {}) if metas else {}) for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))]
 
     def iter_raw(self, ids: Sequence[str], page_size: int | None = None, metadata: bool = False,
-                 read_ahead: int = 1) -> Iterator[tuple[list[str], list[str | None], list[Any] | None]]:  # fmt: skip
+                 ) -> Iterator[tuple[list[str], list[str | None], list[Any] | None]]:  # fmt: skip
         """Pages of (ids, texts, metadatas or None) in the order of `ids`, as Chroma returns them: no
         Document per row, which a pass that only hashes the texts does not need (a million cost ~2 s).
         A document deleted after the ids were listed is left out, as a later export would.
 
-        The next `read_ahead` pages are read in threads while the caller works on this one: Chroma's
-        reads leave the GIL, so hashing or tokenizing overlaps them (a million-document survey: 18-21 s
-        instead of 22-31 s with one page ahead, 2-core AMD EPYC, store in the page cache)."""
+        The next page is read in a thread while the caller works on this one: Chroma's reads leave
+        the GIL, so hashing or tokenizing overlaps them (a million-document survey: 18-21 s instead
+        of 22-31 s, 2-core AMD EPYC, store in the page cache). One page is held ahead, no more."""
         collection = self._collection()
         size = page_size or self.settings.page_size
         include = ["documents", "metadatas"] if metadata else ["documents"]
-        starts = iter(range(0, len(ids), size))
 
         def read(start: int) -> tuple[list[str], dict[str, Any]]:
             wanted = list(ids[start : start + size])
             return wanted, collection.get(ids=wanted, include=include)
 
-        with ThreadPoolExecutor(max(1, read_ahead), thread_name_prefix="kb-read-ahead") as pool:
-            ahead = deque(pool.submit(read, start) for start in itertools.islice(starts, max(1, read_ahead)))
-            while ahead:
+        with ThreadPoolExecutor(1, thread_name_prefix="kb-read-ahead") as pool:
+            ahead = pool.submit(read, 0) if len(ids) else None
+            for start in range(0, len(ids), size):
                 with chroma_errors(self.settings):
-                    wanted, raw = ahead.popleft().result()
-                ahead.extend(pool.submit(read, start) for start in itertools.islice(starts, 1))
+                    wanted, raw = ahead.result()  # type: ignore[union-attr]
+                ahead = pool.submit(read, start + size) if start + size < len(ids) else None
                 got, texts = raw["ids"], raw["documents"] or [None] * len(raw["ids"])
                 metas = (raw.get("metadatas") or [None] * len(got)) if metadata else None
                 if got != wanted:  # missing ids, or Chroma's own order: back to the order asked
