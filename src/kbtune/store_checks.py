@@ -3,8 +3,8 @@ store is not read end to end at every open: PRAGMA quick_check over a million-do
 takes 15 s with the file in the page cache and nearly 3 minutes without.
 
 A store's stamp is its file's identity, size, modification and status-change times and SQLite's
-change counter (plus the times of a write-ahead log beside it), taken after a clean check and after the client's own start, which writes
-to the store every time. Any write through the filesystem changes the status-change time, which no
+change counter (plus the times of a write-ahead log beside it), taken after a clean check and after
+the client's own start, which writes to the store every time. Any write through the filesystem changes the status-change time, which no
 tool can set back, so a store written or damaged by anyone since its stamp is checked again. What a
 stamp cannot see is damage below the filesystem (a failing disk): deleting the stamps folder forces
 the full check at the next open.
@@ -52,7 +52,7 @@ def stamp(store: Path) -> list[int] | None:
         return None
     # The header's change counter and page count: every SQLite write transaction moves the counter,
     # even one landing within the filesystem clock's resolution of the last.
-    counters = [int.from_bytes(header[24:28], "big"), int.from_bytes(header[28:32], "big")] if len(header) == 100 else []
+    counters = [int.from_bytes(header[i : i + 4], "big") for i in (24, 28)] if len(header) == 100 else []
     found = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, *counters]
     return found + ([ws.st_ino, ws.st_size, ws.st_mtime_ns, ws.st_ctime_ns] if ws else [])
 
