@@ -6,15 +6,22 @@ once by kbs.synthetic_kbs in its own store, ~15 min, then reused). Every run is 
                  one pass over the KB (as data_prep's fresh run);
   raw_limit      paged Chroma `get` + `encode_batch` + numpy packing, the same tokenizer;
   kbtune_cached  the real rerun of `scripts/train.py`'s data stage (data_prep.real_prepare) on a cache
-                 the first run wrote; the first run (digest pass, kbtune's BPE tokenizer trained on
-                 the streamed training texts, tokenizing pass) is reported on its own.
+                 the first run wrote, with the store as kbtune's last run left it: the store's
+                 content epoch (kbtune.store_checks) shows no document can have changed, so none is read;
+  kbtune_cached_after_other
+                 the same rerun right after another program opened the store with Chroma's own client
+                 (whose start writes to it): every document is read and hashed to know the cache holds.
+                 Both reruns are one measurement, in that order, so the rotation of the variants
+                 cannot change what precedes either.
+The first run (digest pass, kbtune's BPE tokenizer trained on the streamed training texts,
+tokenizing pass) is reported on its own.
 
 Every run starts with the store file in the page cache (read sequentially first, untimed): this
 machine's page cache is reclaimed between runs, and a store read cold is bound by random reads of the
 disk (~3 MB/s here), which would time the disk, not the preparation. The store's integrity stamps
 (kbtune.store_checks) live in the scratch folder: the first open of the run pays SQLite's full
 quick_check; a later open finds the store unchanged unless another Chroma client opened it in
-between (Chroma writes to the store at every start): the raw limit's does.
+between (Chroma writes to the store at every start): the raw limit's and the other program's do.
 
 One round by default (each run takes minutes at this size; --rounds N for more); --quick uses 5,000
 documents instead of 1,000,000.
@@ -37,6 +44,7 @@ import kbs
 
 SIZE = 1_000_000
 QUICK_SIZE = 5_000
+AFTER_OTHER = "after_other_"
 
 
 def warm(store: Path) -> float:
@@ -80,6 +88,15 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
         finally:
             shutil.rmtree(cache, ignore_errors=True)
 
+    def reruns() -> dict[str, float]:
+        """The real rerun after another program's Chroma client opened the store, then the real rerun
+        again with nothing in between: one sample, the first one's figures prefixed AFTER_OTHER."""
+        data_prep.child({"mode": "other_program", "kb": kb})
+        real = {"mode": "real", "overrides": overrides, "expect_cached": True}
+        after_other = warmed(lambda: data_prep.child(real))()
+        unchanged = warmed(lambda: data_prep.child(real))()
+        return {**unchanged, **{AFTER_OTHER + k: v for k, v in after_other.items()}}
+
     try:
         chroma_open = warmed(lambda: data_prep.child({"mode": "open", "kb": kb}))()
         first = warmed(lambda: data_prep.child({"mode": "real", "overrides": overrides, "expect_cached": False}))()
@@ -92,13 +109,14 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
                 "raw_limit": warmed(lambda: data_prep.child(
                     {"mode": "raw", "kb": kb, "tokenizer": str(tokenizer_dir)}
                 )),
-                "kbtune_cached": warmed(lambda: data_prep.child(
-                    {"mode": "real", "overrides": overrides, "expect_cached": True}
-                )),
+                "kbtune_cached": reruns,
             },
             rounds,
             "data_scale",
         )
+        samples["kbtune_cached_after_other"] = [{k.removeprefix(AFTER_OTHER): v for k, v in x.items() if k.startswith(AFTER_OTHER)}
+                                                for x in samples["kbtune_cached"]]  # fmt: skip
+        samples["kbtune_cached"] = [{k: v for k, v in x.items() if not k.startswith(AFTER_OTHER)} for x in samples["kbtune_cached"]]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if stamps_before is None:
@@ -116,12 +134,14 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
         harness.row("data_scale", comparison, "kbtune", "time", "s", s["kbtune"]["seconds"], s["raw_limit"]["seconds"], "raw_limit"),
         harness.row("data_scale", comparison, "kbtune_cached", "time", "s", s["kbtune_cached"]["seconds"],
                     s["kbtune"]["seconds"], "kbtune"),
+        harness.row("data_scale", comparison, "kbtune_cached_after_other", "time", "s",
+                    s["kbtune_cached_after_other"]["seconds"], s["kbtune"]["seconds"], "kbtune"),
         harness.row("data_scale", comparison, "kbtune_first_run", "time", "s", harness.summary([first["seconds"]])),
         harness.row("data_scale", comparison, "raw_limit", "throughput", "tok/s", s["raw_limit"]["tokens_per_s"]),
         harness.row("data_scale", comparison, "kbtune", "throughput", "tok/s", s["kbtune"]["tokens_per_s"],
                     s["raw_limit"]["tokens_per_s"], "raw_limit"),
     ]  # fmt: skip
-    for name in ("kbtune", "raw_limit", "kbtune_cached"):
+    for name in ("kbtune", "raw_limit", "kbtune_cached", "kbtune_cached_after_other"):
         rows += [
             harness.row("data_scale", memory, name, "token arrays", "MB", s[name]["array_mb"]),
             harness.row("data_scale", memory, name, "peak - imports", "MB", s[name]["rss_mb"], s[name]["array_mb"],
@@ -134,17 +154,21 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
         harness.row("data_scale", opening, "first_open", "time", "s", harness.summary([chroma_open["connect_seconds"]])),
         harness.row("data_scale", opening, "kbtune_first_run", "project open, store unchanged", "s",
                     harness.summary([first["open_seconds"]])),
-        harness.row("data_scale", opening, "kbtune_cached", "project open, after another client", "s",
+        harness.row("data_scale", opening, "kbtune_cached", "project open, store unchanged", "s",
                     s["kbtune_cached"]["open_seconds"]),
+        harness.row("data_scale", opening, "kbtune_cached_after_other", "project open, after another client", "s",
+                    s["kbtune_cached_after_other"]["open_seconds"]),
     ]  # fmt: skip
     speed = harness.ratio(s, "kbtune", "raw_limit", "tokens_per_s")
     # The printed figures' ratio: the medians of the two rows.
     memory_ratio = m["kbtune"]["rss_mb"] / m["kbtune"]["array_mb"]
     cached_ratio = harness.ratio(s, "kbtune_cached", "kbtune", "seconds")
+    other_ratio = harness.ratio(s, "kbtune_cached_after_other", "kbtune", "seconds")
     targets = [
         harness.target(f"data preparation speed, {size:,} docs (x raw limit)", speed, ">=", 0.7, "raw limit"),
         harness.target(f"peak RSS - imports / token array bytes, {size:,} docs", memory_ratio, "<=", 2.0, "token arrays"),
-        harness.target(f"cached rerun / fresh preparation, {size:,} docs", cached_ratio, "<=", 0.1, "fresh preparation"),
+        harness.target(f"cached rerun / fresh preparation, {size:,} docs, store unchanged since kbtune's last run",
+                       cached_ratio, "<=", 0.1, "fresh preparation"),
     ]  # fmt: skip
     tokens = samples["raw_limit"][0]["tokens"]
     runs = f"{rounds} round{'s' if rounds > 1 else ''}"
@@ -165,7 +189,8 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
             "<= 2x", [targets[1]],
         ),
         harness.readme_row(
-            f"cached rerun, {size:,} docs: `scripts/train.py`'s data stage on the cache",
+            f"cached rerun, {size:,} docs: `scripts/train.py`'s data stage on the cache, the store as kbtune's "
+            f"last run left it (no document read: the store's content epoch)",
             f"**{harness.num(m['kbtune_cached']['seconds'])} s** = {100 * cached_ratio:.1f}% of the "
             f"{harness.num(m['kbtune']['seconds'])} s fresh preparation ({100 * m['kbtune_cached']['seconds'] / first['seconds']:.1f}% "
             f"of the first real run, which also trains the tokenizer on the streamed training texts: "
@@ -173,12 +198,19 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
             "<= 10%", [targets[2]],
         ),
         harness.readme_row(
+            "the same rerun after another program opened the store with Chroma (its start writes to the "
+            "store, so every document is read and hashed)",
+            f"{harness.num(m['kbtune_cached_after_other']['seconds'])} s = {100 * other_ratio:.1f}% of the fresh "
+            f"preparation (not a target: what a rerun pays when kbtune cannot know the store is unchanged)",
+        ),
+        harness.readme_row(
             f"opening the store, {size:,} docs ({store.stat().st_size / 1e9:.1f} GB)",
             f"first open {harness.num(chroma_open['connect_seconds'])} s (SQLite's quick_check over the whole "
             f"file); opening the project (Hydra, the MLflow store, Chroma) with the store unchanged since that "
-            f"check: {harness.num(first['open_seconds'])} s; the cached reruns' opens: "
-            f"{harness.num(m['kbtune_cached']['open_seconds'])} s (the check runs again when another Chroma "
-            f"client, such as the raw limit's, opened the store in between: Chroma writes to it at every start)",
+            f"check: {harness.num(first['open_seconds'])} s (the cached rerun's: "
+            f"{harness.num(m['kbtune_cached']['open_seconds'])} s); after another program opened the store: "
+            f"{harness.num(m['kbtune_cached_after_other']['open_seconds'])} s (the check runs again: Chroma "
+            f"writes to the store at every start)",
         ),
     ]  # fmt: skip
     details = {"documents": samples["raw_limit"][0]["documents"], "tokens": tokens, "kb": kb,
@@ -191,8 +223,9 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
                          f"{'quick: 5,000 documents instead of 1,000,000' if quick else '1,000,000 documents'}",
                "processes": "every run in a fresh process (data_prep.py --rss-child); peak RSS = VmHWM after "
                             "preparing minus VmHWM right after the imports",
-               "cached_rerun": "the real path (data_prep.real_prepare): every document read and hashed, "
-                               "the tokenizer the first run trained loaded, the arrays mapped",
+               "cached_rerun": "the real path (data_prep.real_prepare): the project opened, the source index "
+                               "and ids read, the tokenizer the first run trained loaded, the arrays mapped; "
+                               "after another program's open, also every document read and hashed",
                "chroma_open": "a process that only opens the collection and lists its ids: what Chroma "
                               "itself holds once a collection is read (it loads the collection's vector "
                               "index), paid by every reader, the raw limit included"}  # fmt: skip

@@ -122,6 +122,18 @@ def probe_store(path: Path, timeout: float) -> bool:
     return full_check
 
 
+@dataclass(frozen=True)
+class StoreEpoch:
+    """An embedded store's content epoch as of this client's start, and the stamp it left."""
+
+    store: Path
+    epoch: str
+    stamp: list[int]
+
+    def current(self) -> str | None:
+        return self.epoch if store_checks.stamp(self.store) == self.stamp else None
+
+
 @contextlib.contextmanager
 def chroma_errors(settings: KBSettings) -> Iterator[None]:
     """Chroma's failures on a store damaged under it (its InternalError, a Rust panic, the missing
@@ -153,9 +165,16 @@ def _last_frame(exc: BaseException) -> str:
 class KnowledgeBase:
     """A Chroma client bound to one collection name. Reads never need an embedding function."""
 
-    def __init__(self, client: Any, settings: KBSettings):
+    def __init__(self, client: Any, settings: KBSettings, epoch: StoreEpoch | None = None):
         self._client = client
         self.settings = settings
+        self._epoch = epoch
+
+    def content_epoch(self) -> str | None:
+        """An id of the store's content, shared with an earlier kbtune open that saw the same content
+        (store_checks.epoch_after_start); None when the store was written since this client opened it,
+        or when it cannot be known (a Chroma server, a store in write-ahead-log mode)."""
+        return self._epoch.current() if self._epoch is not None else None
 
     @classmethod
     def connect(cls, settings: KBSettings) -> KnowledgeBase:
@@ -169,14 +188,16 @@ class KnowledgeBase:
             # another process holds a lock on it: check first, from Python, with a timeout.
             store = Path(settings.path) / STORE_FILE
             probe_store(store, settings.lock_timeout)
+            before = store_checks.stamp(store)
             with chroma_errors(settings):
                 client = chromadb.PersistentClient(path=settings.path, settings=chroma_settings)
-            # After the client's start, which writes to the store at every open: the state to expect next time.
-            store_checks.record_checked(store)
-        else:
-            client = chromadb.HttpClient(
-                host=settings.host, port=settings.port, ssl=settings.ssl, settings=chroma_settings
-            )
+            # After the client's start, which writes to the store at every open: the state to expect
+            # next time, and whether the content is still that of the last open (its epoch).
+            epoch = store_checks.epoch_after_start(store, before, store_checks.stamp(store))
+            after = store_checks.record_checked(store, epoch)
+            logger.info("knowledge base: %s", settings.describe())
+            return cls(client, settings, StoreEpoch(store, epoch, after) if after is not None else None)
+        client = chromadb.HttpClient(host=settings.host, port=settings.port, ssl=settings.ssl, settings=chroma_settings)
         logger.info("knowledge base: %s", settings.describe())
         return cls(client, settings)
 
@@ -184,7 +205,7 @@ class KnowledgeBase:
         """The same store (and client) with other settings, e.g. another collection or filter."""
         from dataclasses import replace
 
-        return KnowledgeBase(self._client, replace(self.settings, **changes))
+        return KnowledgeBase(self._client, replace(self.settings, **changes), self._epoch)
 
     @property
     def collection_name(self) -> str:

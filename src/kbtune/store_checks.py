@@ -4,10 +4,14 @@ takes 15 s with the file in the page cache and nearly 3 minutes without.
 
 A store's stamp is its file's identity, size, modification and status-change times and SQLite's
 change counter (plus the times of a write-ahead log beside it), taken after a clean check and after
-the client's own start, which writes to the store every time. Any write through the filesystem changes the status-change time, which no
-tool can set back, so a store written or damaged by anyone since its stamp is checked again. What a
+the client's own start, which writes to the store every time. Any write through the filesystem
+changes the status-change time, which no tool can set back, so a store written or damaged by anyone since its stamp is checked again. What a
 stamp cannot see is damage below the filesystem (a failing disk): deleting the stamps folder forces
 the full check at the next open.
+
+The same stamps give a store's content epoch (epoch_after_start): an id two kbtune opens share only
+when nothing can have been written to the store between them, so a preparation that read every
+document under one epoch need not read them again under the same epoch (data.corpus.SourceIndex).
 
 Stamps are kept outside the store, under $XDG_CACHE_HOME/kbtune/checked-stores (~/.cache when unset),
 one small file per store: kbtune never writes into a store it only reads."""
@@ -18,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
+from typing import Any
 
 from kbtune.atomic_files import atomic_file
 
@@ -27,6 +33,8 @@ logger = logging.getLogger(__name__)
 # SQLite's companions of a database file: a write-ahead log, and a rollback journal, whose presence
 # means a write was interrupted (a hot journal): never trusted, always checked.
 WAL_SUFFIX, JOURNAL_SUFFIX = "-wal", "-journal"
+# A stamp without a write-ahead log: dev, ino, size, mtime, ctime, change counter, page count.
+_PLAIN_STAMP, _COUNTER = 7, 5
 
 
 def stamps_dir() -> Path:
@@ -57,35 +65,62 @@ def stamp(store: Path) -> list[int] | None:
     return found + ([ws.st_ino, ws.st_size, ws.st_mtime_ns, ws.st_ctime_ns] if ws else [])
 
 
-def unchanged_since_check(store: Path) -> bool:
-    """Whether `store` is exactly as it was when its last clean check (and open) was stamped."""
-    current = stamp(store)
-    if current is None:
-        return False
+def _recorded(store: Path) -> dict[str, Any]:
     try:
         recorded = json.loads(_stamp_file(store).read_text())
     except (OSError, ValueError):
-        return False
-    return recorded.get("path") == str(store.resolve()) and recorded.get("stamp") == current
+        return {}
+    return recorded if isinstance(recorded, dict) and recorded.get("path") == str(store.resolve()) else {}
+
+
+def unchanged_since_check(store: Path) -> bool:
+    """Whether `store` is exactly as it was when its last clean check (and open) was stamped."""
+    current = stamp(store)
+    return current is not None and _recorded(store).get("stamp") == current
+
+
+def new_epoch() -> str:
+    return uuid.uuid4().hex
+
+
+def epoch_after_start(store: Path, before: list[int] | None, after: list[int] | None) -> str:
+    """The content epoch of `store` after a client's start that found it in state `before` and left it
+    in `after`: the recorded one when the store is exactly as the last kbtune open left it and the
+    start made the one write Chroma's start makes (a row in its `acquire_write` table, which moves
+    the change counter by one), else a new one. So two opens share an epoch only when no document
+    can have been written between them; a write landing during this start moves the counter twice.
+    A store in write-ahead-log mode, whose header counter does not move with each write, gets a new
+    epoch at every start that writes."""
+    recorded = _recorded(store)
+    one_start_write = (
+        before is not None and after is not None and len(before) == len(after) == _PLAIN_STAMP
+        and before[:2] == after[:2] and after[_COUNTER] == before[_COUNTER] + 1
+    )  # fmt: skip
+    # Nothing written at all: a second client in a process whose Chroma system had already started.
+    continues = before is not None and recorded.get("stamp") == before and (after == before or one_start_write)
+    continues = continues and isinstance(recorded.get("epoch"), str)
+    return recorded["epoch"] if continues else new_epoch()
 
 
 # Past this many stamps, those of stores no longer there are removed (test suites make many).
 PRUNE_ABOVE = 256
 
 
-def record_checked(store: Path) -> None:
-    """Stamp `store` as checked in its present state. A cache: failing to write it costs only a check."""
+def record_checked(store: Path, epoch: str | None = None) -> list[int] | None:
+    """Stamp `store` as checked in its present state (with its content `epoch`); the stamp, or None
+    when the store cannot be stamped. A cache: failing to write it costs only a check."""
     current = stamp(store)
     if current is None:
-        return
+        return None
     try:
         with atomic_file(_stamp_file(store)) as f:
-            f.write(json.dumps({"path": str(store.resolve()), "stamp": current}).encode())
+            f.write(json.dumps({"path": str(store.resolve()), "stamp": current, "epoch": epoch}).encode())
         stamps = list(stamps_dir().glob("*.json"))
         if len(stamps) > PRUNE_ABOVE:
             _prune(stamps)
     except OSError as exc:
         logger.debug("could not stamp the checked store %s: %s", store, exc)
+    return current
 
 
 def _prune(stamps: list[Path]) -> None:

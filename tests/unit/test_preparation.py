@@ -270,6 +270,72 @@ def test_a_filtered_collection_is_listed_again_on_every_run(tmp_path):
     assert not grown.cached and "d100" in {e["id"] for e in grown.documents()}
 
 
+def test_a_rerun_on_a_store_nobody_wrote_reads_no_document_and_any_other_open_or_write_reads_again(
+    tmp_path, monkeypatch
+):
+    import chromadb
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the store stamps of this test only
+    make_kb(tmp_path, [Document(f"d{i:03d}", text(i)) for i in range(40)])
+    pages = []
+    iter_raw = KnowledgeBase.iter_raw
+    monkeypatch.setattr(KnowledgeBase, "iter_raw", lambda self, *a, **k: (pages.append(p) or p for p in iter_raw(self, *a, **k)))
+
+    def reopened() -> KnowledgeBase:
+        """A client started as a new process starts it (Chroma's start writes to the store)."""
+        SharedSystemClient.clear_system_cache()
+        return KnowledgeBase.connect(KBSettings(path=str(tmp_path / "chroma"), collection="prep", page_size=7))
+
+    def rerun(kb=None):
+        pages.clear()
+        return preparation(kb or reopened(), tmp_path).prepare_dataset(), len(pages)
+
+    first, read = rerun()
+    assert not first.cached and read > 0
+    again, read = rerun()
+    assert again.cached and read == 0 and again.manifest["cache_key"] == first.manifest["cache_key"]
+    # Another program's Chroma client opened the store (its start writes): every document is read
+    # again, the cache is still right, and the next rerun reads nothing again.
+    SharedSystemClient.clear_system_cache()
+    chromadb.PersistentClient(path=str(tmp_path / "chroma")).get_collection("prep").count()
+    surveyed, read = rerun()
+    assert surveyed.cached and read > 0 and surveyed.manifest["cache_key"] == first.manifest["cache_key"]
+    assert rerun()[1] == 0
+    # Another program edits one document: read, and prepared again.
+    SharedSystemClient.clear_system_cache()
+    other = chromadb.PersistentClient(path=str(tmp_path / "chroma")).get_collection("prep")
+    other.upsert(ids=["d020"], documents=[text(20) + " edited"], embeddings=[[0.0, 1.0]])
+    edited, read = rerun()
+    assert not edited.cached and read > 0 and edited.manifest["cache_key"] != first.manifest["cache_key"]
+    # This process writes after its client started: the epoch it started with no longer holds.
+    kb = reopened()
+    assert rerun(kb)[1] == 0
+    kb.upsert([Document("d021", text(21) + " edited too")], [[0.0, 1.0]])
+    assert kb.content_epoch() is None
+    changed, read = rerun(kb)
+    assert not changed.cached and read > 0
+
+
+def test_the_store_epoch_continues_only_over_the_one_write_of_a_client_start(tmp_path, monkeypatch):
+    from kbtune import store_checks
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    make_kb(tmp_path, [Document("d0", text(0))])
+    store = tmp_path / "chroma" / "chroma.sqlite3"
+    before = store_checks.record_checked(store, "e1")
+
+    def counter(step: int) -> list[int]:
+        return before[:5] + [before[5] + step] + before[6:]
+
+    assert store_checks.epoch_after_start(store, before, before) == "e1"  # nothing written
+    assert store_checks.epoch_after_start(store, before, counter(1)) == "e1"  # the start's own write
+    assert store_checks.epoch_after_start(store, before, counter(2)) != "e1"  # and another one
+    assert store_checks.epoch_after_start(store, counter(1), counter(2)) != "e1"  # written since the stamp
+    assert store_checks.epoch_after_start(store, before, before + [1, 2, 3, 4]) != "e1"  # a write-ahead log
+    assert store_checks.epoch_after_start(store, None, before) != "e1"
+
+
 def test_the_corpus_digest_ignores_page_ends_but_not_where_one_document_ends():
     from kbtune.data.corpus import CorpusDigest
 

@@ -125,35 +125,62 @@ class TrainingCorpus:
 
 
 class SourceIndex:
-    """Where the last preparation of one collection (+ filter + data settings) went: its cache key
-    and the ids it read (in the cache entry). A rerun reads exactly those ids and checks the count,
-    instead of listing the collection (~4 s at a million documents)."""
+    """Where the last preparation of one collection (+ filter + data settings) went: its cache key,
+    the ids it read (in the cache entry), its corpus digest, and the store's content epoch it read
+    under (KnowledgeBase.content_epoch). A rerun under the same epoch knows the corpus without reading
+    a document (~30 s at a million documents); otherwise it reads exactly those ids and checks the
+    count, instead of listing the collection (~4 s at a million)."""
 
     def __init__(self, cache_dir: Path, kb: KnowledgeBase, s: DataSettings):
         self.kb = kb
         name = json.dumps([kb.settings.describe(), kb.settings.where, s.fingerprint_fields()], sort_keys=True)
         self.path = Path(cache_dir) / "datasets" / "sources" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.json"
 
-    def candidate_ids(self) -> list[str] | None:
-        """The ids the last preparation read, when the collection still holds as many documents
-        (a filtered collection cannot be counted, so it is always listed)."""
-        if self.kb.settings.where or not self.path.exists():
-            return None
+    def _entry(self) -> tuple[dict[str, Any], list[str]] | None:
         try:
             entry = json.loads(self.path.read_text())
             ids_file = self.path.parent.parent / entry["cache_key"] / IDS_FILE
-            if entry["count"] != self.kb.count() or not ids_file.exists():
+            if not ids_file.exists():
                 return None
-            ids = json.loads(ids_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError):
+            return entry, json.loads(ids_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
             logger.warning("ignoring an unreadable source index %s", self.path, exc_info=True)
             return None
-        return ids if len(ids) == entry["count"] else None
 
-    def remember(self, cache_key: str, count: int) -> None:
+    def unchanged(self) -> Survey | None:
+        """The last preparation's survey, when the store's content epoch is the one it read under:
+        nothing can have been written since, so no document is read."""
+        epoch = self.kb.content_epoch()
+        found = self._entry() if epoch is not None else None
+        if found is None:
+            return None
+        entry, ids = found
+        if entry.get("epoch") != epoch or not isinstance(entry.get("digest"), str) or len(ids) != entry["count"]:
+            return None
+        logger.info("the knowledge base is unchanged since its last preparation (store epoch %s)", epoch[:8])
+        return Survey(ids, entry["digest"], int(entry.get("usable", 0)))
+
+    def candidate_ids(self) -> list[str] | None:
+        """The ids the last preparation read, when the collection still holds as many documents
+        (a filtered collection cannot be counted, so it is always listed)."""
+        if self.kb.settings.where:
+            return None
+        found = self._entry()
+        if found is None:
+            return None
+        entry, ids = found
+        return ids if entry["count"] == len(ids) == self.kb.count() else None
+
+    def remember(self, cache_key: str, found: Survey) -> None:
+        """Record this preparation. Its epoch is taken now, after every read: an epoch still current
+        means nothing was written to the store while its documents were read."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"cache_key": cache_key, "count": len(found.ids), "digest": found.digest, "usable": found.usable,
+                 "epoch": self.kb.content_epoch()}  # fmt: skip
         with atomic_file(self.path) as f:
-            f.write(json.dumps({"cache_key": cache_key, "count": count}).encode())
+            f.write(json.dumps(entry).encode())
 
 
 IDS_FILE = "ids.json"  # in a cache entry: the ids its preparation read, sorted

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from kbtune.data.dataset_cache import (
 from kbtune.data.settings import DataError, DataSettings
 from kbtune.data.tokens import SplitBlocks, tokenizer_fingerprint, tokenizer_parallelism
 from kbtune.knowledge_base import Document, KnowledgeBase
+
+if TYPE_CHECKING:
+    from kbtune.data import corpus
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +115,10 @@ class DataPreparation:
 
         s, t0 = self.settings, time.perf_counter()
         index = corpus.SourceIndex(self.cache_dir, self.kb, s)
-        candidate = index.candidate_ids()
-        found = corpus.survey(self.kb, s, candidate) if candidate is not None else None
+        found = index.unchanged()
+        candidate = index.candidate_ids() if found is None else None
+        if found is None and candidate is not None:
+            found = corpus.survey(self.kb, s, candidate)
         if found is None and (candidate is not None or getattr(self.tokenizer_factory, "needs_corpus", True)):
             # A tokenizer trained on the corpus, or a collection prepared before: its digest first,
             # which may find the cache, before anything is tokenized.
@@ -124,11 +129,12 @@ class DataPreparation:
         if found is not None:
             hit = self._load_cached(self._streamed_key(found.digest, tokenizer), tokenizer, t0)
             if hit is not None:
-                index.remember(hit.manifest["cache_key"], len(found.ids))
+                index.remember(hit.manifest["cache_key"], found)
                 return hit
         ids = found.ids if found is not None else self.kb.list_ids()
         with self._pending() as entry:
-            counts, records, digest, drops = self._stream_blocks(ids, tokenizer, entry)
+            counts, records, streamed, drops = self._stream_blocks(ids, tokenizer, entry)
+            digest = streamed.digest
             self._check_splits(counts, drops)
             key = self._streamed_key(digest, tokenizer)
             hit = self._load_cached(key, tokenizer, t0)  # the same documents under another collection's name
@@ -136,27 +142,30 @@ class DataPreparation:
                 manifest = self._manifest(key, tokenizer, drops, counts, len(records), None)
                 entry.commit(key, manifest, records, ids=ids)
                 hit = self._prepared(tokenizer, key, t0)
-        index.remember(key, len(ids))
+        index.remember(key, streamed)
         return hit
 
-    def _stream_blocks(self, ids: list[str], tokenizer: Any, entry: PendingEntry) -> tuple[dict[str, Any], DocumentRecords, str, Counter]:
-        """One pass: every page read, digested, cleaned, formatted, split, tokenized and dropped."""
+    def _stream_blocks(self, ids: list[str], tokenizer: Any, entry: PendingEntry) -> tuple[dict[str, Any], DocumentRecords, corpus.Survey, Counter]:
+        """One pass: every page read, digested, cleaned, formatted, split, tokenized and dropped; the
+        survey of what was read comes with it."""
         from kbtune.data import corpus
 
-        s = self.settings
+        s, usable, read = self.settings, 0, []
         digest = corpus.CorpusDigest(corpus.reads_metadata(s))
         cleaner, records = Cleaner(s), DocumentRecords()
         splits = {name: SplitBlocks(name, s, tokenizer, entry) for name in ("train", "val")}
         with tokenizer_parallelism():
             for page_ids, texts, metas in self.kb.iter_raw(ids, metadata=digest.with_metadata):
                 digest.add_page(page_ids, texts, metas)
+                usable += sum(1 for t in texts if t and not t.isspace())
+                read += page_ids
                 page = [Document(i, t, metas[k] or {} if metas else {}) for k, (i, t) in enumerate(zip(page_ids, texts, strict=True))]
                 kept = cleaner.clean(page)
                 for doc in kept:
                     records.add(doc)
                 for name, blocks in splits.items():
                     blocks.add([d for d in kept if d.split == name])
-        return self._finish(splits), records, digest.hexdigest(), cleaner.drops
+        return self._finish(splits), records, corpus.Survey(read, digest.hexdigest(), usable), cleaner.drops
 
     def _prepare_in_memory(self) -> PreparedData:
         from kbtune.data import corpus
