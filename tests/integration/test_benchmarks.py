@@ -337,9 +337,24 @@ def test_committed_results_are_sane():
 def test_the_readme_table_matches_the_results_it_names():
     readme = (REPO / "README.md").read_text()
     start, end = readme_table.current_block(readme)
-    source = readme_table.named_source(readme[start:end])
-    if source is None:
+    sources = readme_table.named_sources(readme[start:end])
+    if not sources:
         pytest.skip("the README holds no generated table yet")
-    assert source.exists() and source.parent == BENCHMARKS / "results", f"{source} is not a committed results file"
+    for source in sources:
+        assert source.exists() and source.parent == BENCHMARKS / "results", f"{source} is not a committed results file"
     check = readme_table_cmd("--check")
-    assert check.returncode == 0, f"run benchmarks/readme_table.py {source}:\n{check.stdout}"
+    assert check.returncode == 0, f"run benchmarks/readme_table.py {' '.join(map(str, sources))}:\n{check.stdout}"
+
+
+def test_a_table_from_several_runs_takes_each_section_from_the_latest_and_names_every_run(tmp_path):
+    older, newer = synthetic_report(started="2026-12-01T10:00:00+00:00"), synthetic_report()
+    newer["sections"] = {"one": {**newer["sections"]["one"], "readme": [harness.readme_row("speed | of it", "**2.00x**")]}}
+    block = readme_table.render([(older, tmp_path / "old.json"), (newer, tmp_path / "new.json")])
+    assert "**2.00x**" in block and "**1.20x**" not in block and "| memory |" not in block
+    assert "old.json` (sections: two)" in block and "new.json` (sections: one)" in block
+    assert f"from {tmp_path / 'old.json'}, {tmp_path / 'new.json'}:" in block
+    assert readme_table.named_sources(block) == [tmp_path / "old.json", tmp_path / "new.json"]
+    other = synthetic_report()
+    other["meta"]["machine"] = {"cpu": "Other CPU", "cores": 2}
+    with pytest.raises(readme_table.TableError, match="different machines"):
+        readme_table.render([(older, tmp_path / "old.json"), (other, tmp_path / "other.json")])
