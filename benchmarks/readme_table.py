@@ -6,7 +6,8 @@ Writes the block between `<!-- bench-table:begin -->` and `<!-- bench-table:end 
 naming the run (date, CPU, cores, CPU flags, whether the machine was quiet, the results file), the main
 table (`| comparison | result | target |`) from every section's `readme` rows in section order, then
 each section's extra `readme_tables`. Without RESULTS_JSON it uses the newest benchmarks/results/*.json
-of a full-size run (it has `meta`, is not `--quick`, and carries readme rows). Several files (runs of
+of a full-size run (it has `meta`, is not `--quick`, and carries readme rows) on top of the runs the
+README's table names when it is of the same machine (else alone). Several files (runs of
 some sections each, on one machine: the same CPU model and core count, else it refuses) make one table:
 a section in a later file replaces the same section of an earlier one, and a line per run names its
 file and its sections. Every comparison is still within one run: a section's variants always run
@@ -176,6 +177,23 @@ def named_sources(block: str) -> list[Path]:
     return [Path(n) if Path(n).is_absolute() else REPO / n for n in names.split(", ")]
 
 
+def machine_of(path: Path) -> tuple[Any, Any] | None:
+    report = load(path)
+    machine = report["meta"].get("machine", {}) if report else None
+    return (machine.get("cpu"), machine.get("cores")) if machine is not None else None
+
+
+def default_runs(named: list[Path], directory: Path = RESULTS) -> list[Path]:
+    """What a write without RESULTS_JSON uses: the runs the README names, with the newest run on top
+    of them when it is of the same machine (a rerun of some sections replaces only those), else the
+    newest run alone."""
+    newest = newest_results(directory)
+    named = [p for p in named if p.exists()]
+    if not named or any(p.resolve() == newest.resolve() for p in named):
+        return named or [newest]
+    return [*named, newest] if machine_of(newest) == machine_of(named[0]) else [newest]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,8 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         start, end = current_block(readme)
         # --check alone checks the block against the file it names (a later partial run, say of one
         # section, does not replace the run the README quotes); writing alone takes the newest run.
-        named = named_sources(readme[start:end]) if args.check and not args.results else []
-        paths = [Path(r) for r in args.results] or named or [newest_results()]
+        named = named_sources(readme[start:end])
+        if args.results:
+            paths = [Path(r) for r in args.results]
+        else:
+            paths = named if args.check else default_runs(named)
         runs = []
         for path in paths:
             report = load(path)

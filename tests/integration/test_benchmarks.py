@@ -326,6 +326,19 @@ def test_the_default_results_are_the_newest_full_run(tmp_path):
     assert readme_table.newest_results(tmp_path).name == "new.json"
 
 
+def test_a_write_without_files_puts_the_newest_run_on_top_of_the_named_ones_of_its_machine(tmp_path):
+    older, newer = synthetic_report(started="2026-12-01T10:00:00+00:00"), synthetic_report()
+    (tmp_path / "old.json").write_text(json.dumps(older))
+    (tmp_path / "new.json").write_text(json.dumps(newer))
+    named = [tmp_path / "old.json"]
+    assert readme_table.default_runs(named, tmp_path) == [tmp_path / "old.json", tmp_path / "new.json"]
+    assert readme_table.default_runs([tmp_path / "new.json"], tmp_path) == [tmp_path / "new.json"]
+    assert readme_table.default_runs([], tmp_path) == [tmp_path / "new.json"]
+    newer["meta"]["machine"] = {"cpu": "Other CPU", "cores": 2}
+    (tmp_path / "new.json").write_text(json.dumps(newer))
+    assert readme_table.default_runs(named, tmp_path) == [tmp_path / "new.json"]
+
+
 def test_committed_results_are_sane():
     """Every results JSON in benchmarks/results, as committed."""
     for path in sorted((BENCHMARKS / "results").glob("*.json")):
