@@ -5,9 +5,9 @@ takes 15 s with the file in the page cache and nearly 3 minutes without.
 A store's stamp is its file's identity, size, modification and status-change times and SQLite's
 change counter (plus the times of a write-ahead log beside it), taken after a clean check and after
 the client's own start, which writes to the store every time. Any write through the filesystem
-changes the status-change time, which no tool can set back, so a store written or damaged by anyone since its stamp is checked again. What a
-stamp cannot see is damage below the filesystem (a failing disk): deleting the stamps folder forces
-the full check at the next open.
+changes the status-change time, which no tool can set back, so a store written or damaged by anyone
+since its stamp is checked again. What a stamp cannot see is damage below the filesystem (a failing
+disk): deleting the stamps folder forces the full check at the next open.
 
 The same stamps give a store's content epoch (epoch_after_start): an id two kbtune opens share only
 when nothing can have been written to the store between them, so a preparation that read every
@@ -79,10 +79,6 @@ def unchanged_since_check(store: Path) -> bool:
     return current is not None and _recorded(store).get("stamp") == current
 
 
-def new_epoch() -> str:
-    return uuid.uuid4().hex
-
-
 def epoch_after_start(store: Path, before: list[int] | None, after: list[int] | None) -> str:
     """The content epoch of `store` after a client's start that found it in state `before` and left it
     in `after`: the recorded one when the store is exactly as the last kbtune open left it and the
@@ -99,7 +95,7 @@ def epoch_after_start(store: Path, before: list[int] | None, after: list[int] | 
     # Nothing written at all: a second client in a process whose Chroma system had already started.
     continues = before is not None and recorded.get("stamp") == before and (after == before or one_start_write)
     continues = continues and isinstance(recorded.get("epoch"), str)
-    return recorded["epoch"] if continues else new_epoch()
+    return recorded["epoch"] if continues else uuid.uuid4().hex
 
 
 # Past this many stamps, those of stores no longer there are removed (test suites make many).

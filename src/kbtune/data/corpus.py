@@ -136,28 +136,37 @@ class SourceIndex:
         name = json.dumps([kb.settings.describe(), kb.settings.where, s.fingerprint_fields()], sort_keys=True)
         self.path = Path(cache_dir) / "datasets" / "sources" / f"{hashlib.sha256(name.encode()).hexdigest()[:24]}.json"
 
-    def _entry(self) -> tuple[dict[str, Any], list[str]] | None:
+    def _entry(self) -> dict[str, Any] | None:
         try:
             entry = json.loads(self.path.read_text())
-            ids_file = self.path.parent.parent / entry["cache_key"] / IDS_FILE
-            if not ids_file.exists():
-                return None
-            return entry, json.loads(ids_file.read_text(encoding="utf-8"))
+            return entry if self._ids_file(entry).exists() else None
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
             logger.warning("ignoring an unreadable source index %s", self.path, exc_info=True)
             return None
 
+    def _ids_file(self, entry: dict[str, Any]) -> Path:
+        return self.path.parent.parent / entry["cache_key"] / IDS_FILE
+
+    def _ids(self, entry: dict[str, Any]) -> list[str] | None:
+        """The ids of `entry`'s preparation, when they are as many as it recorded."""
+        try:
+            ids = json.loads(self._ids_file(entry).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning("ignoring unreadable ids of %s", self.path, exc_info=True)
+            return None
+        return ids if isinstance(ids, list) and len(ids) == entry.get("count") else None
+
     def unchanged(self) -> Survey | None:
         """The last preparation's survey, when the store's content epoch is the one it read under:
         nothing can have been written since, so no document is read."""
         epoch = self.kb.content_epoch()
-        found = self._entry() if epoch is not None else None
-        if found is None:
+        entry = self._entry() if epoch is not None else None
+        if entry is None or entry.get("epoch") != epoch or not isinstance(entry.get("digest"), str):
             return None
-        entry, ids = found
-        if entry.get("epoch") != epoch or not isinstance(entry.get("digest"), str) or len(ids) != entry["count"]:
+        ids = self._ids(entry)
+        if ids is None:
             return None
         logger.info("the knowledge base is unchanged since its last preparation (store epoch %s)", epoch[:8])
         return Survey(ids, entry["digest"], int(entry.get("usable", 0)))
@@ -167,11 +176,10 @@ class SourceIndex:
         (a filtered collection cannot be counted, so it is always listed)."""
         if self.kb.settings.where:
             return None
-        found = self._entry()
-        if found is None:
+        entry = self._entry()
+        if entry is None or entry.get("count") != self.kb.count():
             return None
-        entry, ids = found
-        return ids if entry["count"] == len(ids) == self.kb.count() else None
+        return self._ids(entry)
 
     def remember(self, cache_key: str, found: Survey) -> None:
         """Record this preparation. Its epoch is taken now, after every read: an epoch still current
