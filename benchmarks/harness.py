@@ -37,12 +37,59 @@ def interleave(
         order = names[r % len(names) :] + names[: r % len(names)] if names else []
         log(f"  [{label}] round {r + 1}/{rounds} order: {', '.join(order)}")
         for name in order:
-            t0 = time.perf_counter()
-            sample = variants[name]()
-            samples[name].append(sample)
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in sample.items() if isinstance(v, (int, float)))
-            log(f"  [{label}] round {r + 1}/{rounds} {name}: {shown} ({time.perf_counter() - t0:.1f}s)")
+            samples[name].append(_sample(variants[name], f"[{label}] round {r + 1}/{rounds} {name}"))
     return samples
+
+
+def interleave_pairs(
+    pairs: dict[str, dict[str, Callable[[], dict[str, float]]]], rounds: int, label: str = ""
+) -> dict[str, list[dict[str, float]]]:
+    """Each pair's two variants run back to back in every round, so `paired_ratio` divides runs taken
+    seconds apart, not minutes: on a shared VM the speed drifts by 25% over minutes (2-core AMD EPYC,
+    2026-12-03), and a ratio of medians over rounds minutes apart measures that drift as much as the
+    variants. Which of the two runs first alternates between rounds and between neighbouring pairs;
+    the pairs' order rotates as in `interleave`. Samples are keyed "<pair> <variant>"."""
+    samples = {f"{cell} {name}": [] for cell, two in pairs.items() for name in two}
+    cells = list(pairs)
+    if any(len(two) != 2 for two in pairs.values()):
+        raise ValueError(f"every pair needs exactly two variants: {({c: list(t) for c, t in pairs.items()})}")
+    for r in range(rounds):
+        order = cells[r % len(cells) :] + cells[: r % len(cells)]
+        log(f"  [{label}] round {r + 1}/{rounds}")
+        for cell in order:
+            names = list(pairs[cell])
+            if (r + cells.index(cell)) % 2:
+                names.reverse()
+            for name in names:
+                key = f"{cell} {name}"
+                samples[key].append(_sample(pairs[cell][name], f"[{label}] round {r + 1}/{rounds} {key}"))
+    return samples
+
+
+def _sample(variant: Callable[[], dict[str, float]], what: str) -> dict[str, float]:
+    """One run of a variant, with the share of CPU time the hypervisor took from this VM meanwhile
+    (`steal_percent`, from /proc/stat; absent where the kernel does not count it): a noisy run shows."""
+    before, t0 = _cpu_times(), time.perf_counter()
+    sample = dict(variant())
+    after = _cpu_times()
+    if before and after and after[1] > before[1]:
+        sample["steal_percent"] = 100 * (after[0] - before[0]) / (after[1] - before[1])
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in sample.items() if isinstance(v, (int, float)))
+    log(f"  {what}: {shown} ({time.perf_counter() - t0:.1f}s)")
+    return sample
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs since boot, or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if fields[0] != "cpu" or len(fields) < 9:
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already inside user and nice]
+    ticks = [int(x) for x in fields[1:9]]
+    return ticks[7], sum(ticks)
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -60,6 +107,15 @@ def summarise(samples: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
 
 def ratio(summaries: dict[str, dict[str, dict[str, Any]]], variant: str, baseline: str, metric: str) -> float:
     return summaries[variant][metric]["median"] / summaries[baseline][metric]["median"]
+
+
+def paired_ratio(samples: dict[str, list[dict[str, float]]], variant: str, baseline: str, metric: str) -> dict[str, Any]:
+    """The summary (median, min, max) of variant / baseline taken round by round: for variants that ran
+    back to back (`interleave_pairs`)."""
+    a, b = samples[variant], samples[baseline]
+    if len(a) != len(b) or not a:
+        raise ValueError(f"{variant} has {len(a)} samples and {baseline} {len(b)}: no pairs to divide")
+    return summary([x[metric] / y[metric] for x, y in zip(a, b, strict=True)])
 
 
 def row(section: str, comparison: str, variant: str, metric: str, unit: str, stats: dict[str, Any],

@@ -274,6 +274,31 @@ def test_interleave_rotates_the_order_every_round():
     assert {n: len(s) for n, s in samples.items()} == {"a": 4, "b": 4, "c": 4}
 
 
+def test_pairs_run_back_to_back_alternating_which_goes_first_and_their_ratio_is_taken_per_round():
+    calls: list[str] = []
+    speed = iter([10.0, 8.0, 12.0, 6.0, 4.0, 5.0, 9.0, 9.0])
+
+    def variant(name: str):
+        return lambda: calls.append(name) or {"tok": next(speed)}
+
+    pairs = {"p": {"k": variant("pk"), "b": variant("pb")}, "q": {"k": variant("qk"), "b": variant("qb")}}
+    samples = harness.interleave_pairs(pairs, 2, "test")
+    # Round 1: p then q, p's kbtune first, q's baseline first; round 2 rotates to q first and flips both.
+    assert calls == ["pk", "pb", "qb", "qk", "qk", "qb", "pb", "pk"]
+    assert [s["tok"] for s in samples["p k"]] == [10.0, 9.0] and [s["tok"] for s in samples["p b"]] == [8.0, 9.0]
+    paired = harness.paired_ratio(samples, "p k", "p b", "tok")
+    assert paired["values"] == [1.25, 1.0] and paired["median"] == 1.125
+    # A ratio of medians would not pair the runs: q's is (6+4)/2 / (12+5)/2, its paired one (0.5 + 0.8)/2.
+    assert harness.paired_ratio(samples, "q k", "q b", "tok")["median"] == pytest.approx(0.65)
+    if harness._cpu_times():  # Linux: a sample says how much CPU the hypervisor took meanwhile
+        import time
+
+        slow = harness.interleave_pairs({"p": {"k": lambda: time.sleep(0.05) or {}, "b": lambda: {}}}, 1)
+        assert 0 <= slow["p k"][0]["steal_percent"] <= 100
+    with pytest.raises(ValueError, match="exactly two"):
+        harness.interleave_pairs({"p": {"k": variant("k")}}, 1)
+
+
 def test_the_machine_is_named_for_file_names():
     assert (
         harness.machine_slug("Intel(R) Xeon(R) Processor", 2, ["avx512f", "amx_bf16"]) == "intel-xeon-2c-amx"
