@@ -43,7 +43,15 @@ STEPS = {"model=small": (3, 30), "wide small (2x384)": (3, 30), "~25M": (2, 8), 
 
 
 def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]:
+    from kbtune.host_memory import reuse_freed_memory
     from kbtune.training_loop import bf16_supported
+
+    # kbtune's training sets glibc to keep freed memory on its first fit, for the whole process. Set
+    # here first, every variant (the plain loop and the HF Trainer too) runs with it from its first
+    # run: otherwise the variants before kbtune's first run page-fault their memory back in every step
+    # and the ones after do not (the plain loop: ~4,000 vs ~8,000 tok/s on model=small in bf16, run
+    # of 2026-12-03). What the setting is worth is measured in the profile section, in fresh processes.
+    reuse_freed_memory()
 
     # 5 rounds: with 3, one slow run of either loop decided a cell's ratio (run of 2026-12-03).
     rounds = rounds or (1 if quick else 5)

@@ -13,11 +13,17 @@
    weights and optimizer state (Lightning's bf16-true plus a master copy), torch.compile of the decoder
    (its compile time counted separately, with the steps it takes to pay back), and fp32. Tokens/s,
    MFU against the measured peak of the precision, interleaved in rotating order.
+3. Host memory: kbtune's real training path (training.run_kbtune) in fresh processes, with
+   trainer.reuse_freed_memory on (the default) and off, interleaved: tokens/s and the page faults of
+   the whole run. In a fresh process, as a user's `scripts/train.py` runs: a long-lived benchmark
+   process that has run bigger models before keeps a heap with room to spare, which hides the cost.
+   Parts 1 and 2 run with the setting on, as kbtune's training does.
 
 Standalone: `python benchmarks/profile_step.py [--quick]`."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections import defaultdict
@@ -179,8 +185,41 @@ def breakdown(ctx: training.Context, loss: str, precision: str, data: list[Any])
     }
 
 
+# A child process: kbtune's training path once, with the setting as asked; prints its tokens/s and faults.
+FRESH_RUN = """
+import json, resource, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import training
+ctx = training.Context(Path(sys.argv[2]), sys.argv[3] == "quick", int(sys.argv[4]), int(sys.argv[5]),
+                       ("trainer.reuse_freed_memory=" + sys.argv[6],))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+sample = training.run_kbtune(ctx)
+sample["page_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print("RESULT " + json.dumps(sample))
+"""
+
+
+def fresh_run(workdir: Path, quick: bool, warmup: int, measured: int, reuse: bool) -> dict[str, float]:
+    cmd = [harness.PYTHON, "-c", FRESH_RUN, str(Path(__file__).parent), str(workdir), "quick" if quick else "full",
+           str(warmup), str(measured), str(reuse).lower()]  # fmt: skip
+    _, proc = harness.run_timed(cmd, env=harness.bench_env(), timeout=1800)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the fresh training run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
 def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]:
+    from kbtune.host_memory import reuse_freed_memory
+
     rounds = rounds or (1 if quick else 2)
+    # 3. first: fresh processes, before this one's own heap matters to anything.
+    fresh_rounds, fresh_steps = (1, (2, 4)) if quick else (3, (5, 25))
+    fresh = harness.interleave_pairs(
+        {"kbtune": {"reuse on": lambda: fresh_run(workdir, quick, *fresh_steps, True),
+                    "reuse off": lambda: fresh_run(workdir, quick, *fresh_steps, False)}}, fresh_rounds, "host memory")  # fmt: skip
+    reuse_freed_memory()  # as kbtune's training sets it: every step below runs with it
     warmup, measured = (2, 4) if quick else (3, 12)
     ctx = training.Context(workdir, quick, 1, 1)
     data = batches(ctx, warmup + measured + 8)
@@ -254,6 +293,15 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
         rows.append(
             harness.row("profile", "step breakdown", name, "step", "ms", harness.summary([b["step_ms"]]))
         )
+    f = harness.summarise(fresh)
+    on, off = f["kbtune reuse on"], f["kbtune reuse off"]
+    reuse_ratio = harness.paired_ratio(fresh, "kbtune reuse on", "kbtune reuse off", "tokens_per_s")
+    label = "fresh process, kbtune's training path, trainer.reuse_freed_memory"
+    rows.append(harness.row("profile", label, "reuse off", "throughput", "tok/s", off["tokens_per_s"]))
+    rows.append(harness.row("profile", label, "reuse on", "throughput", "tok/s", on["tokens_per_s"], off["tokens_per_s"],
+                            "reuse off"))  # fmt: skip
+    rows.append(harness.row("profile", label, "reuse off", "page faults", "", off["page_faults"]))
+    rows.append(harness.row("profile", label, "reuse on", "page faults", "", on["page_faults"]))
     options_rows = []
     for name in samples:
         step_ms = s[name]["step_ms"]["median"]
@@ -277,6 +325,14 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
         {"title": f"bf16 options on model={ctx.spec.name} (plain step loop, same loss, weights and batches)",
          "header": ["option", "step ms", "tok/s", "vs bf16-mixed", "MFU", "note"], "rows": options_rows,
          "note": f"MFU against the measured peak of the precision: bf16 {peak['bf16-mixed']:,.0f}, fp32 {peak['fp32']:,.0f} GFLOP/s."},
+        {"title": f"Reusing freed memory (`trainer.reuse_freed_memory`, model={ctx.spec.name}, {default}, kbtune's training in fresh processes)",
+         "header": ["reuse_freed_memory", "tok/s", "page faults per run", "tok/s vs off"],
+         "rows": [[name, f"{v['tokens_per_s']['median']:,.0f} ({v['tokens_per_s']['min']:,.0f}..{v['tokens_per_s']['max']:,.0f})",
+                   f"{v['page_faults']['median']:,.0f}", f"{reuse_ratio['median']:.2f}x ({reuse_ratio['min']:.2f}..{reuse_ratio['max']:.2f})" if name == "on" else "1.00x"]
+                  for name, v in (("off", off), ("on", on))],
+         "note": f"Medians of {fresh_rounds} rounds, each a fresh process per setting, run back to back; the ratio is the median of "
+                 f"the per-round ratios. Page faults: minor faults of the whole training run ({sum(fresh_steps)} steps, with the "
+                 "model's construction and the end-of-training validation)."},
     ]  # fmt: skip
     details = {"breakdown": prof, "data_loader_ms_per_batch": loader_ms, "peak_gflops": peak, "flops_per_token": fpt,
                "ideal_matmul_ms": ideal_ms, "categories": {"matmul": sorted(MATMUL), "casts": sorted(CASTS),
@@ -284,8 +340,8 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
     return {
         "rows": rows,
         "targets": [],
-        "summaries": s,
-        "samples": samples,
+        "summaries": {**s, **f},
+        "samples": {**samples, **fresh},
         "details": details,
         "readme_tables": readme_tables,
     }

@@ -263,6 +263,15 @@ def fmt_tps(stats: dict[str, Any]) -> str:
 def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]:
     import torch
 
+    from kbtune.host_memory import reuse_freed_memory
+
+    # kbtune's training sets glibc to keep freed memory on its first fit, for the whole process. Set
+    # here first, every variant (the plain loop and the HF Trainer too) runs with it from its first
+    # run: otherwise the variants before kbtune's first run page-fault their memory back in every step
+    # and the ones after do not (the plain loop: ~4,000 vs ~8,000 tok/s on model=small in bf16, run
+    # of 2026-12-03). What the setting is worth is measured in the profile section, in fresh processes.
+    reuse_freed_memory()
+
     rounds = rounds or (1 if quick else 3)
     warmup, measured = (3, 6) if quick else (5, 25)
     peak_s = 0.05 if quick else 0.3
