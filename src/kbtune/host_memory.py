@@ -3,9 +3,10 @@
 glibc's malloc gives large freed blocks back at once: a block above its mmap threshold is unmapped on
 free, and free memory at the top of the heap is trimmed once it exceeds twice that threshold (64 MB at
 most). A training step frees its activations and gradients, so the next step faults the same pages
-back in, and the kernel zeroes every one of them. On a 2-core AMD EPYC VM, model=small in bf16-mixed
-took ~860,000 page faults per 33 steps that way; with the settings below, a few hundred, and steps
-~20% faster in a fresh process (`python benchmarks/run.py --only profile`, "host memory"). Intel's
+back in, and the kernel zeroes every one of them. On a 2-core AMD EPYC VM, a fresh process training
+model=small in bf16-mixed for 30 steps took ~950,000 page faults that way and ~230,000 with the
+settings below (the rest: building the model, validating), at 1.34x the tokens/s
+(`python benchmarks/run.py --only profile`, "Reusing freed memory"). Intel's
 CPU tuning guide for PyTorch gets the same effect by preloading jemalloc or tcmalloc; these are
 glibc's own knobs, set from inside the process, so `python scripts/train.py` needs no launcher.
 
