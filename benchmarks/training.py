@@ -17,6 +17,7 @@ Standalone: `python benchmarks/training.py [--quick]`."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 import tempfile
 import time
@@ -169,8 +170,25 @@ def run_kbtune(ctx: Context) -> dict[str, float]:
 
         ctx.rounds += 1
         callbacks += [ProgressCallback(SessionFiles(ctx.root / "progress" / str(ctx.rounds))), ResumeState()]
-    ctx.service.train_model(ctx.plan, extra_callbacks=callbacks, preparation=ctx.preparation)
-    return {"tokens_per_s": ctx.tokens_per_s(timer.stamps), "val_loss": ctx.val_loss(timer.module.model)}
+    outcome = ctx.service.train_model(ctx.plan, extra_callbacks=callbacks, preparation=ctx.preparation)
+    sample = {"tokens_per_s": ctx.tokens_per_s(timer.stamps), "val_loss": ctx.val_loss(timer.module.model)}
+    discard_run_files(ctx, outcome.session.id)
+    return sample
+
+
+def discard_run_files(ctx: Context, session_id: str) -> None:
+    """Remove what a measured run wrote that nothing reads again: its checkpoints (best and last, with
+    the optimizer state) and its saved model. A ~100M model's take 2.2 GB per run; a full benchmark
+    runs kbtune over a hundred times, and kept they filled the disk (75 GB). The records stay."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    from kbtune.model_manager import MODEL_ARTIFACT
+
+    shutil.rmtree(ctx.service.layout.files(session_id).checkpoints, ignore_errors=True)
+    uri = urlparse(ctx.service.store.artifact_uri(session_id, MODEL_ARTIFACT))
+    if uri.scheme in ("", "file"):
+        shutil.rmtree(url2pathname(uri.path), ignore_errors=True)
 
 
 def optimizer_like_kbtune(ctx: Context, model: Any) -> tuple[Any, Any]:
