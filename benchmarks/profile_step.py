@@ -11,7 +11,9 @@
 2. Options, each a plain step loop over the same model, batch and loss (kbtune's chunked head), same
    initial weights: bf16-mixed (kbtune's default on CPUs with bf16), bf16 weights with fp32 master
    weights and optimizer state (Lightning's bf16-true plus a master copy), torch.compile of the decoder
-   (its compile time counted separately, with the steps it takes to pay back), and fp32. Tokens/s,
+   (its compile time counted separately, with the steps it takes to pay back), and fp32. Each uses the
+   attention kernel kbtune's training picks for its precision (trainer.attention=auto); where that is
+   not PyTorch's fused kernel, bf16-mixed with the fused kernel (sdpa) is measured too. Tokens/s,
    MFU against the measured peak of the precision, interleaved in rotating order.
 3. Host memory: kbtune's real training path (training.run_kbtune) in fresh processes, with
    trainer.reuse_freed_memory on (the default) and off, interleaved: tokens/s and the page faults of
@@ -64,10 +66,19 @@ def category(name: str) -> str:
     return "other"
 
 
+def kbtune_attention(ctx: training.Context, precision: str) -> str:
+    from dataclasses import replace
+
+    from kbtune.training_loop import resolve_attention
+
+    return resolve_attention(replace(ctx.plan.trainer, precision=precision), ctx.block)
+
+
 class Step:
     """One model and optimizer, stepped with a chosen loss and precision."""
 
-    def __init__(self, ctx: training.Context, loss: str, precision: str, compile_decoder: bool = False):
+    def __init__(self, ctx: training.Context, loss: str, precision: str, compile_decoder: bool = False,
+                 attention: str | None = None):  # fmt: skip
         import torch
 
         from kbtune.modeling.module import chunked_head
@@ -75,6 +86,12 @@ class Step:
         torch.manual_seed(0)
         self.model = ctx.new_model()
         self.model.train()
+        # The attention kernel kbtune's training picks for this precision (trainer.attention=auto);
+        # kbtune's loss before the chunked head ran with the fused kernel, sdpa.
+        if attention is None:
+            attention = "sdpa" if loss == "full logits (before)" else kbtune_attention(ctx, precision)
+        self.model.set_attn_implementation(attention)
+        self.attention = attention
         self.loss, self.precision = loss, precision
         self.params = list(self.model.parameters())
         if precision == "bf16-true":
@@ -253,6 +270,9 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
         "bf16-mixed + torch.compile": lambda: Step(ctx, "chunked", "bf16-mixed", compile_decoder=True),
         "fp32": lambda: Step(ctx, "chunked", "fp32"),
     }
+    if kbtune_attention(ctx, "bf16-mixed") != "sdpa":
+        # What trainer.attention=auto gains over PyTorch's fused kernel, which kbtune used before.
+        options["bf16-mixed, fused attention (sdpa)"] = lambda: Step(ctx, "chunked", "bf16-mixed", attention="sdpa")
     if quick:
         options.pop("bf16-mixed + torch.compile")  # minutes of compiling is no smoke test
 

@@ -21,7 +21,7 @@ from kbtune.modeling.factory import ModelSpec, TokenizerProvider
 from kbtune.records import SessionStatus, TrainingSession
 from kbtune.session_files import SessionLayout
 from kbtune.tracking.store import SessionStore
-from kbtune.training_loop import TrainingLoop
+from kbtune.training_loop import TrainingLoop, resolve_attention
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,10 @@ class TrainingService:
         from kbtune.modeling.module import CausalLMModule
 
         pl.seed_everything(plan.seed, workers=True, verbose=False)
-        module = CausalLMModule(spec.to_dict(), asdict(plan.optim), compile=plan.trainer.compile)
+        attention = resolve_attention(plan.trainer, plan.data.block_size)
+        module = CausalLMModule(
+            spec.to_dict(), asdict(plan.optim), compile=plan.trainer.compile, attention=attention
+        )
         datamodule = KBDataModule(preparation, plan.data.batch_size, seed=plan.seed)
         loop = TrainingLoop(plan.trainer, plan.callbacks, self.layout.files(session_id).checkpoints)
         # DDP/FSDP launch the other ranks inside fit(); they inherit this session from the environment.

@@ -191,3 +191,40 @@ def test_compile_is_refused_where_the_loss_needs_the_full_logits(monkeypatch):
     with pytest.raises(ModelError, match=r"trainer.compile.*trainer.compile=false"):
         CausalLMModule(SPEC.to_dict(), OPTIM, compile=True)
     assert any("trainer.compile" in p for p in TrainerSettings(compile=True, strategy="fsdp").validate())
+
+
+def test_eager_attention_trains_on_the_same_loss_and_gradients_and_is_not_checkpointed():
+    """trainer.attention picks the kernel only: the same function of the same weights (bf16 autocast,
+    as where `auto` picks eager), and a checkpoint that loads with either."""
+    torch.manual_seed(0)
+    fused = CausalLMModule(SPEC.to_dict(), OPTIM, attention="sdpa")
+    torch.manual_seed(0)
+    eager = CausalLMModule(SPEC.to_dict(), OPTIM, attention="eager")
+    assert eager.model.config._attn_implementation == "eager"
+    assert fused.model.config._attn_implementation == "sdpa"
+    batch = batches(1)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = fused.training_step(batch, 0), eager.training_step(batch, 0)
+    assert got.item() == pytest.approx(expected.item(), rel=2e-3)
+    expected.backward()
+    got.backward()
+    for (name, a), (_, b) in zip(fused.named_parameters(), eager.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0.05, atol=2e-3, msg=name)
+    assert "attention" not in eager.hparams
+
+
+def test_auto_attention_is_eager_only_for_bf16_on_a_cpu_at_short_blocks(monkeypatch):
+    from kbtune import training_loop
+    from kbtune.training_loop import EAGER_ATTENTION_MAX_BLOCK, TrainerSettings, resolve_attention
+
+    monkeypatch.setattr(training_loop, "cuda_available", lambda: False)
+    cpu_bf16 = TrainerSettings(precision="bf16-mixed", accelerator="cpu")
+    assert resolve_attention(cpu_bf16, EAGER_ATTENTION_MAX_BLOCK) == "eager"
+    assert resolve_attention(cpu_bf16, EAGER_ATTENTION_MAX_BLOCK + 1) == "sdpa"
+    assert resolve_attention(TrainerSettings(precision="32-true", accelerator="cpu"), 128) == "sdpa"
+    assert resolve_attention(TrainerSettings(precision="bf16-mixed", accelerator="gpu"), 128) == "sdpa"
+    # An explicit choice wins over the rule.
+    assert resolve_attention(TrainerSettings(precision="32-true", attention="eager"), 1024) == "eager"
+    assert resolve_attention(TrainerSettings(precision="bf16-mixed", accelerator="cpu", attention="sdpa"), 128) == "sdpa"
+    problems = TrainerSettings(attention="flash").validate()
+    assert problems == ["trainer.attention: must be one of auto, sdpa, eager, got 'flash'"]

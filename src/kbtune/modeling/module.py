@@ -18,13 +18,16 @@ from kbtune.modeling.optim import OptimSettings, lr_lambda
 
 
 class CausalLMModule(pl.LightningModule):
-    def __init__(self, model_spec: dict[str, Any], optim: dict[str, Any] | None = None, compile: bool = False):
+    def __init__(self, model_spec: dict[str, Any], optim: dict[str, Any] | None = None, compile: bool = False,
+                 attention: str | None = None):  # fmt: skip
         super().__init__()
         # Plain dicts only: the checkpoint stays loadable with weights_only=True. Not logged: the
         # session's run already holds the full resolved config as params and an artifact.
         # `compile` is how this process trains, not what the checkpoint holds: a checkpoint loaded to
         # evaluate or export is never compiled.
-        self.save_hyperparameters(ignore=["compile"], logger=False)
+        # `attention` likewise: the kernel this process computes attention with (trainer.attention),
+        # the same function of the same weights, so a checkpoint loads with either.
+        self.save_hyperparameters(ignore=["compile", "attention"], logger=False)
         self.spec = ModelSpec.from_dict(model_spec)
         self.optim = OptimSettings(**(optim or {}))
         self.model = build_model(self.spec)
@@ -32,6 +35,9 @@ class CausalLMModule(pl.LightningModule):
             from kbtune.modeling.lora import apply_lora
 
             self.model = apply_lora(self.model, self.spec.lora)
+        if attention is not None:
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            base.set_attn_implementation(attention)
         # (decoder, LM head) for the chunked loss, or None. In a tuple: as module attributes they would
         # be registered a second time, under other names in state_dict.
         self._head = chunked_head(self.model)
