@@ -12,8 +12,8 @@
    initial weights: bf16-mixed (kbtune's default on CPUs with bf16), bf16 weights with fp32 master
    weights and optimizer state (Lightning's bf16-true plus a master copy), torch.compile of the decoder
    (its compile time counted separately, with the steps it takes to pay back), and fp32. Each uses the
-   attention kernel kbtune's training picks for its precision (trainer.attention=auto); where that is
-   not PyTorch's fused kernel, bf16-mixed with the fused kernel (sdpa) is measured too. Tokens/s,
+   attention kernel kbtune's training uses (trainer.attention); where trainer.attention=auto would
+   pick another one, bf16-mixed with that kernel is measured too. Tokens/s,
    MFU against the measured peak of the precision, interleaved in rotating order.
 3. Host memory: kbtune's real training path (training.run_kbtune) in fresh processes, with
    trainer.reuse_freed_memory on (the default) and off, interleaved: tokens/s and the page faults of
@@ -66,12 +66,15 @@ def category(name: str) -> str:
     return "other"
 
 
-def kbtune_attention(ctx: training.Context, precision: str) -> str:
+def kbtune_attention(ctx: training.Context, precision: str, attention: str | None = None) -> str:
+    """The kernel kbtune's training picks for this precision, with trainer.attention as configured
+    (or as `attention`)."""
     from dataclasses import replace
 
     from kbtune.training_loop import resolve_attention
 
-    return resolve_attention(replace(ctx.plan.trainer, precision=precision), ctx.block)
+    trainer = replace(ctx.plan.trainer, precision=precision, attention=attention or ctx.plan.trainer.attention)
+    return resolve_attention(trainer, ctx.block)
 
 
 class Step:
@@ -270,9 +273,12 @@ def run(workdir: Path, quick: bool, rounds: int | None = None) -> dict[str, Any]
         "bf16-mixed + torch.compile": lambda: Step(ctx, "chunked", "bf16-mixed", compile_decoder=True),
         "fp32": lambda: Step(ctx, "chunked", "fp32"),
     }
-    if kbtune_attention(ctx, "bf16-mixed") != "sdpa":
-        # What trainer.attention=auto gains over PyTorch's fused kernel, which kbtune used before.
-        options["bf16-mixed, fused attention (sdpa)"] = lambda: Step(ctx, "chunked", "bf16-mixed", attention="sdpa")
+    auto = kbtune_attention(ctx, "bf16-mixed", "auto")
+    if auto != kbtune_attention(ctx, "bf16-mixed"):
+        # What trainer.attention=auto would change (eager attention for bf16 on a CPU at short blocks).
+        options[f"bf16-mixed + {auto} attention (trainer.attention=auto)"] = lambda: Step(
+            ctx, "chunked", "bf16-mixed", attention=auto
+        )
     if quick:
         options.pop("bf16-mixed + torch.compile")  # minutes of compiling is no smoke test
 

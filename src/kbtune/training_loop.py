@@ -54,8 +54,8 @@ class TrainerSettings:
     # faster steps of model=small on a 2-core AMD EPYC, for a resident size that stays near its peak.
     reuse_freed_memory: bool = True
     # The decoder's attention kernel: sdpa (PyTorch's fused kernel), eager (two batched matmuls and a
-    # softmax), or auto (see resolve_attention).
-    attention: str = "auto"
+    # softmax), or auto (see resolve_attention; opt-in until a benchmark run confirms it).
+    attention: str = "sdpa"
 
     def validate(self) -> list[str]:
         p = []

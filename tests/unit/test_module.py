@@ -218,11 +218,12 @@ def test_auto_attention_is_eager_only_for_bf16_on_a_cpu_at_short_blocks(monkeypa
     from kbtune.training_loop import EAGER_ATTENTION_MAX_BLOCK, TrainerSettings, resolve_attention
 
     monkeypatch.setattr(training_loop, "cuda_available", lambda: False)
-    cpu_bf16 = TrainerSettings(precision="bf16-mixed", accelerator="cpu")
+    assert TrainerSettings().attention == "sdpa"  # auto is opt-in until a benchmark run confirms it
+    cpu_bf16 = TrainerSettings(precision="bf16-mixed", accelerator="cpu", attention="auto")
     assert resolve_attention(cpu_bf16, EAGER_ATTENTION_MAX_BLOCK) == "eager"
     assert resolve_attention(cpu_bf16, EAGER_ATTENTION_MAX_BLOCK + 1) == "sdpa"
-    assert resolve_attention(TrainerSettings(precision="32-true", accelerator="cpu"), 128) == "sdpa"
-    assert resolve_attention(TrainerSettings(precision="bf16-mixed", accelerator="gpu"), 128) == "sdpa"
+    assert resolve_attention(TrainerSettings(precision="32-true", accelerator="cpu", attention="auto"), 128) == "sdpa"
+    assert resolve_attention(TrainerSettings(precision="bf16-mixed", accelerator="gpu", attention="auto"), 128) == "sdpa"
     # An explicit choice wins over the rule.
     assert resolve_attention(TrainerSettings(precision="32-true", attention="eager"), 1024) == "eager"
     assert resolve_attention(TrainerSettings(precision="bf16-mixed", accelerator="cpu", attention="sdpa"), 128) == "sdpa"
