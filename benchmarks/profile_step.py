@@ -94,7 +94,6 @@ class Step:
         if attention is None:
             attention = "sdpa" if loss == "full logits (before)" else kbtune_attention(ctx, precision)
         self.model.set_attn_implementation(attention)
-        self.attention = attention
         self.loss, self.precision = loss, precision
         self.params = list(self.model.parameters())
         if precision == "bf16-true":

@@ -179,7 +179,7 @@ def run_kbtune(ctx: Context) -> dict[str, float]:
 def discard_run_files(ctx: Context, session_id: str) -> None:
     """Remove what a measured run wrote that nothing reads again: its checkpoints (best and last, with
     the optimizer state) and its saved model. A ~100M model's take 2.2 GB per run; a full benchmark
-    runs kbtune over a hundred times, and kept they filled the disk (75 GB). The records stay."""
+    runs kbtune some sixty times, and kept they filled the disk (75 GB). The records stay."""
     from urllib.parse import urlparse
     from urllib.request import url2pathname
 

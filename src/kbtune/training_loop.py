@@ -141,6 +141,10 @@ def resolve_precision(settings: TrainerSettings) -> str:
     return "bf16-mixed" if bf16_supported(settings.accelerator) else "32-true"
 
 
+def trains_on_gpu(settings: TrainerSettings) -> bool:
+    return settings.accelerator in ("gpu", "cuda") or (settings.accelerator == "auto" and cuda_available())
+
+
 def resolve_attention(settings: TrainerSettings, block_size: int) -> str:
     """`auto`: eager attention for bf16 training on a CPU with blocks of at most 256 tokens, else sdpa.
 
@@ -153,14 +157,14 @@ def resolve_attention(settings: TrainerSettings, block_size: int) -> str:
     `trainer.attention=sdpa` keeps the fused kernel."""
     if settings.attention != "auto":
         return settings.attention
-    on_gpu = settings.accelerator in ("gpu", "cuda") or (settings.accelerator == "auto" and cuda_available())
+    on_gpu = trains_on_gpu(settings)
     bf16 = resolve_precision(settings).startswith("bf16")
     return "eager" if bf16 and not on_gpu and block_size <= EAGER_ATTENTION_MAX_BLOCK else "sdpa"
 
 
 def precision_problems(settings: TrainerSettings) -> list[str]:
     """Precisions the device cannot run, caught before anything starts."""
-    on_gpu = settings.accelerator in ("gpu", "cuda") or (settings.accelerator == "auto" and cuda_available())
+    on_gpu = trains_on_gpu(settings)
     if settings.precision.startswith("16") and not on_gpu:
         return ["trainer.precision: 16-mixed needs a CUDA GPU; on CPU use bf16-mixed, 32-true or auto"]
     if settings.precision.startswith("bf16") and not bf16_supported(settings.accelerator):

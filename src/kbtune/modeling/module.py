@@ -35,8 +35,9 @@ class CausalLMModule(pl.LightningModule):
             from kbtune.modeling.lora import apply_lora
 
             self.model = apply_lora(self.model, self.spec.lora)
-        if attention is not None:
-            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        # Only a change is asked for: a model=local architecture without sdpa support refuses "sdpa".
+        if attention is not None and base.config._attn_implementation != attention:
             base.set_attn_implementation(attention)
         # (decoder, LM head) for the chunked loss, or None. In a tuple: as module attributes they would
         # be registered a second time, under other names in state_dict.
